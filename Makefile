@@ -1,0 +1,25 @@
+# One local virtual environment, created on first use and reused.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: install demo test lint
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/comask demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check comask tests
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -x --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check comask tests

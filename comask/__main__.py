@@ -1,0 +1,5 @@
+import sys
+
+from comask.cli import main
+
+sys.exit(main())
