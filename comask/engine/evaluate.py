@@ -1,0 +1,435 @@
+"""COCO evaluation: score results files (`comask evaluate`) and models on a data set (`comask eval`).
+
+Scoring is pycocotools' COCOeval, always restricted to the ground truth's images. Model evaluation
+works with any torchvision-style detection model and any data set yielding `(image, target)` with
+`target["image_id"]`, plus `dataset.cat_ids` / `dataset.class_names` and the ground-truth annotations
+(`dataset.coco` or `dataset.ann_file`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from comask.engine.results import output_to_rows
+from comask.errors import DataError
+
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+_STAT_LABELS = [
+    "AP @[IoU=0.50:0.95 | area=all    | maxDets=100]",
+    "AP @[IoU=0.50      | area=all    | maxDets=100]",
+    "AP @[IoU=0.75      | area=all    | maxDets=100]",
+    "AP @[IoU=0.50:0.95 | area=small  | maxDets=100]",
+    "AP @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "AP @[IoU=0.50:0.95 | area=large  | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=all    | maxDets=  1]",
+    "AR @[IoU=0.50:0.95 | area=all    | maxDets= 10]",
+    "AR @[IoU=0.50:0.95 | area=all    | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=small  | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=large  | maxDets=100]",
+]
+IOU_TYPES = ("bbox", "segm")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ground truth and results loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_gt(path: str | Path) -> COCO:
+    """A COCO ground-truth file -> COCO object; errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: ground-truth file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ground-truth file ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); give a COCO instances file") from None
+    return gt_from_dict(data, str(path))
+
+
+def gt_from_dict(data: Any, source: str = "ground truth") -> COCO:
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise DataError(f"{source}: not a COCO instances file (needs lists 'images', 'annotations', 'categories')")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            coco.createIndex()
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{source}: malformed COCO entry (missing or wrong field {e}); run `comask data check`") from None
+    return coco
+
+
+def _read_rows(path: str | Path) -> list:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: results file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read results file ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of COCO results rows") from None
+    return data
+
+
+def check_rows(rows: Any, coco_gt: COCO, iou_type: str, source: str = "results") -> list[dict]:
+    """Validate results rows against the ground truth, before pycocotools' bare asserts can fire."""
+    if not isinstance(rows, list):
+        raise DataError(
+            f"{source}: expected a JSON list of results rows ({{image_id, category_id, bbox|segmentation, score}}), "
+            f"got a {type(rows).__name__}"
+        )
+    if not rows:
+        raise DataError(f"{source}: the results list is empty (no detections to score)")
+    need = "bbox" if iou_type == "bbox" else "segmentation"
+    img_ids, cat_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    bad_img: set = set()
+    bad_cat: set = set()
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"{source}: row {i} is a {type(r).__name__}, not an object")
+        missing = [k for k in ("image_id", "category_id", "score", need) if k not in r]
+        if missing:
+            raise DataError(f"{source}: row {i} lacks {', '.join(missing)} (needed for --iou-type {iou_type})")
+        if r["image_id"] not in img_ids:
+            bad_img.add(r["image_id"])
+        if r["category_id"] not in cat_ids:
+            bad_cat.add(r["category_id"])
+        s = r["score"]
+        if not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise DataError(f"{source}: row {i} has score {s!r}; scores must be finite numbers")
+    if bad_img:
+        raise DataError(
+            f"{source}: {len(bad_img)} image id(s) not in the ground truth (e.g. {_few(bad_img)}); "
+            "the results belong to another data set or split"
+        )
+    if bad_cat:
+        raise DataError(
+            f"{source}: category id(s) {_few(bad_cat)} not in the ground truth (known: {_few(cat_ids, 10)}); "
+            "results must use the original COCO category ids"
+        )
+    return rows
+
+
+def _few(ids: Iterable, n: int = 5) -> str:
+    s = sorted(ids, key=str)
+    return ", ".join(str(x) for x in s[:n]) + (", ..." if len(s) > n else "")
+
+
+def load_results(coco_gt: COCO, rows: list[dict], iou_type: str) -> COCO:
+    """Results rows -> a COCO object, also for an empty list (pycocotools' loadRes cannot do that)."""
+    if iou_type == "segm":
+        # loadRes takes areas from `bbox` when present; segm scoring must use the mask areas
+        rows = [{k: v for k, v in r.items() if k != "bbox"} for r in rows]
+    if rows:
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                return coco_gt.loadRes(rows)
+            except (AssertionError, KeyError, TypeError, ValueError, IndexError) as e:
+                raise DataError(f"results rows are malformed for --iou-type {iou_type} ({type(e).__name__}: {e})") from None
+    dt = COCO()
+    dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                  "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt.createIndex()
+    return dt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, img_ids: Sequence[int] | None = None,
+                 *, verbose: bool = False) -> COCOeval:
+    """COCOeval restricted to `img_ids` (default: every ground-truth image), evaluated and summarised."""
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    ev.params.imgIds = sorted(coco_gt.getImgIds() if img_ids is None else img_ids)
+    out = sys.stdout if verbose else io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def stats_dict(ev: COCOeval) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+def per_category_ap(ev: COCOeval, names: dict[int, str] | None = None) -> dict[str, float]:
+    """AP@[.5:.95] per category (area all, 100 dets); categories without ground truth are left out."""
+    prec = ev.eval["precision"]  # [T, R, K, A, M]
+    out = {}
+    for k, cid in enumerate(ev.params.catIds):
+        p = prec[:, :, k, 0, -1]
+        p = p[p > -1]
+        if p.size:
+            out[(names or {}).get(cid, str(cid))] = float(np.mean(p))
+    return out
+
+
+def format_stats(stats: dict[str, float], title: str) -> str:
+    lines = [title]
+    for label, name in zip(_STAT_LABELS, STAT_NAMES):
+        v = stats[name]
+        lines.append(f"  {label} = {v:6.3f}" if v >= 0 else f"  {label} =    n/a")
+    return "\n".join(lines)
+
+
+def format_summary(metrics: dict) -> str:
+    """The paper's Table 1 columns for bbox and segm, then per-category AP, as aligned text."""
+    cols = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]
+    lines = [f"{'':6}" + "".join(f"{c:>8}" for c in cols)]
+    for t in IOU_TYPES:
+        if t in metrics:
+            lines.append(f"{t:6}" + "".join(_cell(metrics[t][c]) for c in cols))
+    per = metrics.get("per_category", {})
+    names = sorted({n for t in per.values() for n in t})
+    if names:
+        w = max(12, max(len(n) for n in names) + 2)
+        lines.append("")
+        lines.append(f"{'category':{w}}" + "".join(f"{t + ' AP':>10}" for t in IOU_TYPES if t in per))
+        for n in names:
+            lines.append(f"{n:{w}}" + "".join(f"{_cell(per[t].get(n, -1.0)):>10}" for t in IOU_TYPES if t in per))
+    return "\n".join(lines)
+
+
+def _cell(v: float) -> str:
+    return f"{v:8.3f}" if v >= 0 else f"{'n/a':>8}"
+
+
+def evaluate_files(gt: str | Path, dt: str | Path, iou_type: str = "segm", as_json: bool = False) -> int:
+    """`comask evaluate`: score a results file against ground truth; print the 12 stats (or JSON)."""
+    if iou_type not in IOU_TYPES:
+        raise DataError(f"--iou-type must be one of {', '.join(IOU_TYPES)}, got {iou_type!r}")
+    coco_gt = load_gt(gt)
+    rows = check_rows(_read_rows(dt), coco_gt, iou_type, str(dt))
+    ev = run_cocoeval(coco_gt, load_results(coco_gt, rows, iou_type), iou_type)
+    stats = [float(v) for v in ev.stats]
+    if as_json:
+        print(json.dumps({"stats": stats, "iou_type": iou_type, "num_images": len(ev.params.imgIds),
+                          "num_results": len(rows)}))
+    else:
+        print(format_stats(dict(zip(STAT_NAMES, stats)),
+                           f"{iou_type}: {len(rows)} results on {len(ev.params.imgIds)} images ({gt})"))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+def _collate(batch: list) -> tuple:
+    return tuple(zip(*batch))
+
+
+def _gt_coco(dataset: Any) -> COCO:
+    coco = getattr(dataset, "coco", None)
+    if isinstance(coco, COCO):
+        return coco
+    ann = getattr(dataset, "ann_file", None)
+    if ann is None:
+        raise DataError("data set has neither a `coco` (pycocotools COCO) nor an `ann_file` attribute to score against")
+    return load_gt(ann)
+
+
+def _shard_indices(n: int, rank: int, world: int) -> list[int]:
+    # strided, not contiguous, so ranks see a similar mix of image sizes
+    return list(range(rank, n, world))
+
+
+@torch.no_grad()
+def run_inference(model: torch.nn.Module, dataset: Any, *, device: torch.device | str, batch_size: int = 2,
+                  indices: Sequence[int] | None = None, num_workers: int = 0,
+                  progress: bool = True) -> tuple[list[dict], list[int]]:
+    """Run `model` over `dataset` (or the given indices) -> (COCO results rows, image ids seen).
+
+    Rows use `dataset.cat_ids` and the original image size (`target["orig_size"]` when present).
+    Only RLEs are kept per image, so memory does not grow with the masks' pixels.
+    """
+    device = torch.device(device)
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=_collate)
+    cat_ids = list(dataset.cat_ids)
+    model.eval()
+    rows: list[dict] = []
+    img_ids: list[int] = []
+    total = len(subset)
+    t0, done = time.perf_counter(), 0
+    for images, targets in loader:
+        outputs = model([im.to(device) for im in images])
+        for im, tgt, out in zip(images, targets, outputs):
+            image_id = int(tgt["image_id"])
+            size = tuple(int(s) for s in im.shape[-2:])
+            orig = tuple(int(s) for s in tgt.get("orig_size", size))
+            rows.extend(output_to_rows(out, image_id, cat_ids, image_size=size, orig_size=orig))
+            img_ids.append(image_id)
+        done += len(images)
+        if progress and sys.stderr.isatty():
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            print(f"\reval {done}/{total} images ({rate:.2f} img/s)", end="", file=sys.stderr, flush=True)
+    if progress and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return rows, img_ids
+
+
+def score_rows(coco_gt: COCO, rows: list[dict], img_ids: Sequence[int],
+               class_names: dict[int, str] | None = None) -> dict:
+    """bbox and segm metrics (12 stats each) plus per-category AP for rows on `img_ids`."""
+    if class_names is None:
+        class_names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
+    metrics: dict[str, Any] = {"per_category": {}}
+    for t in IOU_TYPES:
+        trows = [r for r in rows if ("segmentation" if t == "segm" else "bbox") in r]
+        if t == "segm" and rows and not trows:
+            continue  # a box-only model: no mask metrics to report
+        ev = run_cocoeval(coco_gt, load_results(coco_gt, trows, t), t, img_ids)
+        metrics[t] = stats_dict(ev)
+        metrics["per_category"][t] = per_category_ap(ev, class_names)
+    metrics["num_images"] = len(img_ids)
+    metrics["num_detections"] = len(rows)
+    return metrics
+
+
+def evaluate_model(model: torch.nn.Module, dataset: Any, *, device: torch.device | str = "cpu",
+                   batch_size: int = 2, distributed: bool = False, out_dir: str | Path | None = None,
+                   num_workers: int = 0, verbose: bool = True) -> dict:
+    """Evaluate a detection model on a COCO data set; every rank returns the same metrics dict.
+
+    With `distributed`, each rank runs a strided shard and rank 0 gathers the rows and scores them.
+    Rank 0 writes `metrics.json` and `results.json` (bbox + segm rows) into `out_dir` when given.
+    """
+    rank, world = 0, 1
+    if distributed:
+        from comask.engine import dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+    indices = _shard_indices(len(dataset), rank, world) if world > 1 else None
+    was_training = model.training
+    rows, img_ids = run_inference(model, dataset, device=device, batch_size=batch_size, indices=indices,
+                                  num_workers=num_workers, progress=verbose and rank == 0)
+    model.train(was_training)
+    if world > 1:
+        from comask.engine import dist
+
+        gathered = dist.all_gather_object((rows, img_ids))
+        rows = [r for part in gathered for r in part[0]]
+        img_ids = [i for part in gathered for i in part[1]]
+    metrics: dict = {}
+    if rank == 0:
+        img_ids = sorted(set(img_ids))
+        coco_gt = _gt_coco(dataset)
+        names = dict(zip(dataset.cat_ids, dataset.class_names)) if hasattr(dataset, "class_names") else None
+        metrics = score_rows(coco_gt, rows, img_ids, names)
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / "results.json", rows)
+            _write_json(out / "metrics.json", metrics, indent=2)
+            metrics["files"] = {"metrics": str(out / "metrics.json"), "results": str(out / "results.json")}
+        if verbose:
+            print(format_summary(metrics))
+    if world > 1:
+        from comask.engine import dist
+
+        metrics = dist.all_gather_object(metrics)[0]
+    return metrics
+
+
+def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from comask.errors import UserError
+
+        raise UserError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def evaluate_checkpoint(weights: str | Path, config: str | Path | None = None, opts: list[str] | None = None,
+                        out_dir: str | Path | None = None, device: str = "auto") -> dict:
+    """`comask eval`: the checkpoint's model on its config's validation set (cfg.data.val)."""
+    from comask.config import apply_overrides, config_from_dict, load_config
+    from comask.data.coco import CocoDataset
+    from comask.engine.checkpoint import load_checkpoint
+    from comask.modeling.build import build_model
+
+    ckpt = load_checkpoint(weights, map_location="cpu")
+    if config is not None:
+        cfg = load_config(config, opts)
+    else:
+        if not isinstance(ckpt.get("config"), dict):
+            from comask.errors import CheckpointError
+
+            raise CheckpointError(f"{weights}: checkpoint stores no config; pass --config")
+        cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), opts))
+    if cfg.data.get("synth"):
+        from comask.data.synth import ensure_synth
+
+        ensure_synth(cfg.data.synth.preset, cfg.data.synth.root)
+    dataset = CocoDataset(cfg.data.val.ann, cfg.data.val.images, train=False,
+                          skip_bad=bool(cfg.data.get("skip_bad", False)))
+    meta = ckpt.get("meta") or {}
+    if meta.get("cat_ids") and list(meta["cat_ids"]) != list(dataset.cat_ids):
+        raise DataError(
+            f"{cfg.data.val.ann}: category ids {list(dataset.cat_ids)} differ from the checkpoint's "
+            f"{list(meta['cat_ids'])}; evaluate on the data set the model was trained for"
+        )
+    dev = resolve_device(device)
+    model = build_model(cfg)
+    _load_state(model, ckpt, weights)
+    model.to(dev)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if out_dir is None:
+        out_dir = Path(weights).resolve().parent / f"eval_{Path(weights).stem}"
+    return evaluate_model(model, dataset, device=dev, batch_size=2, distributed=distributed, out_dir=out_dir,
+                          num_workers=int(cfg.data.get("num_workers", 0) or 0))
+
+
+def _load_state(model: torch.nn.Module, ckpt: dict, weights: str | Path) -> None:
+    from comask.errors import CheckpointError
+
+    state = ckpt.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{weights}: checkpoint has no 'model' state_dict")
+    try:
+        res = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches are raised even when not strict
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise CheckpointError(f"{weights}: weights do not fit the config's model ({first[0].strip()}); "
+                              "pass the --config it was trained with") from None
+    bad = list(res.missing_keys) + list(res.unexpected_keys)
+    if bad:
+        raise CheckpointError(
+            f"{weights}: weights do not match the config's model ({len(res.missing_keys)} missing, "
+            f"{len(res.unexpected_keys)} unexpected keys, e.g. {', '.join(bad[:3])}); pass the --config it was trained with"
+        )

@@ -1,0 +1,110 @@
+"""Model outputs -> COCO results rows (boxes as [x, y, w, h], masks as RLE with string counts).
+
+Models follow torchvision's detection interface (`boxes` xyxy, contiguous `labels` 1..C, `scores`,
+`masks` (N, 1, H, W) probabilities); nothing here knows which architecture produced them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.nn.functional as F
+
+MASK_THRESHOLD = 0.5
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def binarize_masks(masks: Any, size: tuple[int, int] | None = None, thr: float = MASK_THRESHOLD) -> np.ndarray:
+    """(N, 1, H, W) or (N, H, W) probabilities or bools -> (N, h, w) bool, resized to `size` if given."""
+    if isinstance(masks, torch.Tensor):
+        m = masks.detach()
+        if m.dim() == 4:
+            m = m[:, 0]
+        if size is not None and tuple(m.shape[-2:]) != tuple(size) and m.shape[0] > 0:
+            # bilinear on probabilities, then threshold: the same rule the model uses when pasting
+            m = F.interpolate(m[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+        if m.dtype == torch.bool:
+            return m.cpu().numpy()
+        return (m > thr).cpu().numpy()
+    a = np.asarray(masks)
+    if a.ndim == 4:
+        a = a[:, 0]
+    if size is not None and a.shape[-2:] != tuple(size) and a.shape[0] > 0:
+        return binarize_masks(torch.from_numpy(a.astype(np.float32)), size, thr)
+    return a.astype(bool) if a.dtype == bool else a > thr
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """(N, H, W) bool -> COCO RLEs with `counts` as str (JSON-serialisable)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
+def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """Rescale xyxy boxes from an (h, w) frame to another (h, w) frame."""
+    sy = to_size[0] / max(from_size[0], 1)
+    sx = to_size[1] / max(from_size[1], 1)
+    return boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
+
+
+def output_to_rows(
+    output: Mapping[str, Any],
+    image_id: int,
+    cat_ids: Sequence[int],
+    *,
+    image_size: tuple[int, int] | None = None,
+    orig_size: tuple[int, int] | None = None,
+    score_thr: float = 0.0,
+    extra: Mapping[str, Any] | None = None,
+) -> list[dict]:
+    """One image's model output -> COCO results rows.
+
+    `cat_ids[i]` is the COCO category id of contiguous label i+1. `image_size` is the (h, w) the model
+    saw; when `orig_size` differs (an image resized before inference), boxes and masks are mapped back
+    so rows are always in the original image's pixels. `extra` is copied into every row (e.g. file_name).
+    """
+    boxes = _np(output["boxes"]).astype(np.float32).reshape(-1, 4)
+    scores = _np(output["scores"]).astype(np.float32).reshape(-1)
+    labels = _np(output["labels"]).astype(np.int64).reshape(-1)
+    keep = scores >= score_thr
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if len(labels) and (labels.min() < 1 or labels.max() > len(cat_ids)):
+        raise ValueError(f"model produced label {int(labels.max())} outside 1..{len(cat_ids)} (class count mismatch)")
+    if image_size is not None and orig_size is not None and tuple(image_size) != tuple(orig_size):
+        boxes = scale_boxes(boxes, image_size, orig_size)
+    rles: list[dict] = []
+    if "masks" in output:
+        masks = output["masks"]
+        if isinstance(masks, torch.Tensor):
+            masks = masks[torch.from_numpy(keep)]
+        else:
+            masks = np.asarray(masks)[keep]
+        rles = encode_masks(binarize_masks(masks, orig_size))
+    rows = []
+    extra = dict(extra or {})
+    for i in range(len(scores)):
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        row = {
+            "image_id": int(image_id),
+            "category_id": int(cat_ids[labels[i] - 1]),
+            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+            "score": round(float(scores[i]), 5),
+        }
+        if rles:
+            row["segmentation"] = rles[i]
+        row.update(extra)
+        rows.append(row)
+    return rows
