@@ -1,0 +1,242 @@
+"""Checkpoint files: atomic writes, safe loads, clear mismatch reports.
+
+A checkpoint is a plain dict (see docs/DESIGN.md) holding only tensors and plain Python values,
+so it loads with `torch.load(weights_only=True)`: a file that would need to run code to unpickle
+is refused instead of executed. Writes go to a temporary file in the same directory, are fsynced,
+then renamed over the target, so a crash or SIGKILL leaves either the old file or the new one,
+never a torn one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from comask.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CKPT_RE = re.compile(r"^model_(\d{7,})\.pth$")
+TMP_PREFIX = ".tmp-ckpt-"
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"model_{iteration:07d}.pth"
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
+    """Write `obj` with torch.save atomically: temp file in the same dir + fsync + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave a half-written temp file behind.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    # Makes the rename itself durable; not supported everywhere (e.g. Windows), where it is skipped.
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete temp files left by a writer that was killed mid-save (only our own prefix)."""
+    removed = []
+    for p in Path(directory).glob(f"{TMP_PREFIX}*"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Periodic checkpoints `model_XXXXXXX.pth` in `directory`, sorted by iteration."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_last_checkpoint(directory: str | Path) -> Path | None:
+    """The periodic checkpoint with the highest iteration in `directory`, or None."""
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` periodic checkpoints (final/best files are never touched)."""
+    if keep_last is None or keep_last <= 0:
+        return []
+    found = list_checkpoints(directory)
+    removed = []
+    for _, p in found[:-keep_last]:
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError as e:
+            log.warning("could not delete old checkpoint %s: %s", p, e)
+    return removed
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; CheckpointError if missing, corrupt or unsafe.
+
+    A bare state_dict (a mapping of tensors, e.g. a torchvision weights file) is returned as
+    `{"model": state_dict}` so callers can always read `ckpt["model"]`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found; check the path (--weights / --out)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (an interrupted copy?); use another checkpoint")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it may not support; the except clauses below
+            # turn any such failure into one clear message.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights only load failed" in msg.lower():
+            raise CheckpointError(f"{path}: refused to load: {_unsafe_detail(msg)}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)}); use another file") from None
+    except Exception as e:  # noqa: BLE001 - any failure of the safe unpickler means "not a checkpoint"
+        raise CheckpointError(
+            f"{path}: not a valid PyTorch checkpoint (corrupt, truncated or another format: "
+            f"{type(e).__name__}: {_first_line(e)}); use another file"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
+    obj = dict(obj)
+    if "model" not in obj:
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {"model": obj}
+        raise CheckpointError(
+            f"{path}: no 'model' entry (keys: {', '.join(map(str, list(obj)[:8]))}); not a comask checkpoint"
+        )
+    if not isinstance(obj["model"], Mapping):
+        raise CheckpointError(f"{path}: 'model' is not a state_dict")
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unsafe_detail(msg: str) -> str:
+    # torch's message names the offending global, e.g. "unsupported GLOBAL posix.system".
+    m = re.search(r"GLOBAL\s+([\w.]+)", msg)
+    if m:
+        return (
+            f"the file references the Python callable '{m.group(1)}', which would run code when unpickled. "
+            "Checkpoints must hold only tensors and plain values; only load files from sources you trust"
+        )
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+    detail = m.group(1).strip() if m else "unsupported pickle content"
+    return (
+        f"it is not a plain-tensor checkpoint that can be read safely with weights_only=True ({detail}); "
+        "re-save it with torch.save(state_dict) from a trusted environment"
+    )
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _preview(keys: list[str], n: int = 6) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_model_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True, source: str = "checkpoint"
+) -> dict[str, list[str]]:
+    """Copy `state` into `model`.
+
+    strict=True: any missing, unexpected or shape-mismatched key raises one CheckpointError that
+    lists all three groups. strict=False: loads only the tensors whose name and shape match
+    (e.g. a backbone trained on another class set) and returns/logs what was skipped.
+    Returns {"loaded", "missing", "unexpected", "shape_mismatch"} lists of key names.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    state = _strip_prefix(state)
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    mismatch_desc = [
+        f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched
+    ]
+    report = {
+        "loaded": sorted(k for k in own if k in state and k not in set(mismatched)),
+        "missing": missing,
+        "unexpected": unexpected,
+        "shape_mismatch": mismatch_desc,
+    }
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} with different shapes [{_preview(mismatch_desc, 4)}]")
+        if missing:
+            parts.append(f"{len(missing)} missing from the {source} [{_preview(missing)}]")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected [{_preview(unexpected)}]")
+        raise CheckpointError(
+            f"{source} does not match the model: " + "; ".join(parts) + ". It was made for another config "
+            "or class count: use the matching --config / model.num_classes, or load only the matching "
+            "weights explicitly (runtime.load_strict=false / strict=False) to fine-tune on a new class set"
+        )
+    to_load = {k: state[k] for k in report["loaded"]}
+    # strict=False here because the filtering above already decided what is loaded.
+    model.load_state_dict(to_load, strict=False)
+    if not strict and (missing or unexpected or mismatched):
+        log.warning(
+            "%s: loaded %d tensors; skipped %d missing, %d unexpected, %d shape-mismatched (%s)",
+            source, len(report["loaded"]), len(missing), len(unexpected), len(mismatched),
+            _preview(mismatch_desc + missing, 4),
+        )
+    return report
