@@ -1,0 +1,151 @@
+"""ResNet + FPN (P2..P6) built from torchvision parts.
+
+State-dict keys match torchvision's `maskrcnn_resnet50_fpn` (`body.*`, `fpn.*`), so checkpoints in
+that layout can initialise this backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from comask.errors import CheckpointError
+
+_RESNETS: dict[int, Callable[..., resnet.ResNet]] = {
+    18: resnet.resnet18,
+    34: resnet.resnet34,
+    50: resnet.resnet50,
+    101: resnet.resnet101,
+    152: resnet.resnet152,
+}
+NORMS = ("frozen_bn", "bn", "gn")
+# names of the FPN inputs (C2..C5) and, in order, the pyramid levels the FPN returns (P2..P6)
+_RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6")
+
+
+def gn_groups(channels: int, max_groups: int = 32) -> int:
+    """The largest group count <= max_groups that divides `channels` (GN(32) for 256 channels)."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return lambda c: nn.GroupNorm(gn_groups(c), c)
+    raise ValueError(f"model.backbone.norm must be one of {NORMS}, got {norm!r}")
+
+
+def build_resnet(depth: int, norm: str = "frozen_bn") -> resnet.ResNet:
+    """A randomly initialised torchvision ResNet with the given normalisation layer."""
+    if depth not in _RESNETS:
+        raise ValueError(f"model.backbone.depth must be one of {sorted(_RESNETS)}, got {depth!r}")
+    return _RESNETS[depth](weights=None, norm_layer=_norm_layer(norm))
+
+
+def freeze_stages(net: resnet.ResNet, frozen_stages: int) -> None:
+    """Stop training the stem and the first `frozen_stages` residual stages (1 = stem + layer1).
+
+    Trainable BatchNorm layers inside frozen stages become FrozenBatchNorm2d (same buffers), so their
+    running statistics stay fixed too, whatever train()/eval() mode the model is in.
+    """
+    if not 0 <= frozen_stages <= 4:
+        raise ValueError(f"model.backbone.frozen_stages must be in 0..4, got {frozen_stages!r}")
+    if frozen_stages == 0:
+        return
+    frozen = ["conv1", "bn1"] + [f"layer{i}" for i in range(1, frozen_stages + 1)]
+    for name in frozen:
+        module = getattr(net, name)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        if isinstance(module, nn.BatchNorm2d):
+            setattr(net, name, _to_frozen_bn(module))
+        else:
+            _replace_bn(module)
+
+
+def _to_frozen_bn(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    fbn = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    with torch.no_grad():
+        fbn.weight.copy_(bn.weight)
+        fbn.bias.copy_(bn.bias)
+        fbn.running_mean.copy_(bn.running_mean)
+        fbn.running_var.copy_(bn.running_var)
+    return fbn
+
+
+def _replace_bn(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, _to_frozen_bn(child))
+        else:
+            _replace_bn(child)
+
+
+def load_backbone_weights(net: resnet.ResNet, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load a torchvision ImageNet ResNet state_dict (`resnet50-*.pth` layout) into `net`.
+
+    The classifier (`fc.*`) is ignored. Returns (missing, unexpected) key lists so callers can report
+    them; raises CheckpointError when the file cannot be used at all.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"model.backbone.weights: {p} does not exist; give a torchvision ResNet .pth file")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure means the same thing to the user
+        raise CheckpointError(f"model.backbone.weights: cannot read {p} as a weights-only checkpoint ({e})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"model.backbone.weights: {p} is not a state_dict of tensors")
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    own = net.state_dict()
+    bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(
+            f"model.backbone.weights: {p} does not fit this ResNet (shape differs for {bad[0]}); "
+            "check model.backbone.depth"
+        )
+    result = net.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if len(missing) == len([k for k in own if not k.startswith("fc.")]):
+        raise CheckpointError(f"model.backbone.weights: no key of {p} matches a torchvision ResNet")
+    return missing, list(result.unexpected_keys)
+
+
+def build_resnet_fpn(
+    depth: int,
+    out_channels: int = 256,
+    norm: str = "frozen_bn",
+    frozen_stages: int = 1,
+    weights: str | Path | None = None,
+) -> BackboneWithFPN:
+    """ResNet C2..C5 -> FPN P2..P5 (3x3 output convs) + P6 (max-pool of P5), `out_channels` wide.
+
+    The returned module maps an image batch to an OrderedDict `{"0": P2, ..., "3": P5, "pool": P6}`
+    and has `.out_channels`.
+    """
+    net = build_resnet(depth, norm)
+    if weights:
+        load_backbone_weights(net, weights)
+    freeze_stages(net, frozen_stages)
+    c5 = net.inplanes  # channels of layer4's output (512 for 18/34, 2048 for 50+)
+    in_channels = [c5 // 8, c5 // 4, c5 // 2, c5]
+    return BackboneWithFPN(
+        net, return_layers=_RETURN_LAYERS, in_channels_list=in_channels, out_channels=out_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )

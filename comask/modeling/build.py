@@ -1,0 +1,85 @@
+"""`build_model(cfg)`: CoMask or the Mask R-CNN baseline from one config, sharing every builder
+except the RoI heads. The model keeps no reference to the config (its state_dict is tensors only)."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from comask.config import ConfigError
+from comask.modeling.backbone import LEVEL_NAMES, build_resnet_fpn
+from comask.modeling.comask import CoMask
+from comask.modeling.maskrcnn import MaskRCNN, build_maskrcnn_roi_heads
+from comask.modeling.msfem import MFPN
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def build_backbone(cfg) -> nn.Module:
+    """ResNet-FPN (P2..P6), followed by MSFEMs on every level when model.msfem.branches > 0."""
+    m = cfg.model
+    fpn = build_resnet_fpn(
+        m.backbone.depth,
+        out_channels=m.fpn.channels,
+        norm=m.backbone.norm,
+        frozen_stages=m.backbone.frozen_stages,
+        weights=m.backbone.get("weights"),
+    )
+    if m.msfem.branches == 0:
+        return fpn
+    return MFPN(fpn, m.msfem.branches, residual=m.msfem.residual, reduction=m.msfem.attention_reduction)
+
+
+def build_rpn(cfg, in_channels: int) -> RegionProposalNetwork:
+    """torchvision's RPN: one anchor size per level P2..P6, the configured aspect ratios."""
+    r = cfg.model.rpn
+    sizes = tuple((int(s),) for s in r.anchor_sizes)
+    if len(sizes) != len(LEVEL_NAMES):
+        raise ConfigError(
+            f"model.rpn.anchor_sizes needs one size per pyramid level P2..P6 ({len(LEVEL_NAMES)}), got {len(sizes)}"
+        )
+    ratios = (tuple(float(a) for a in r.aspect_ratios),) * len(sizes)
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
+    head = RPNHead(in_channels, anchors.num_anchors_per_location()[0])
+    return RegionProposalNetwork(
+        anchors,
+        head,
+        fg_iou_thresh=r.fg_iou_thresh,
+        bg_iou_thresh=r.bg_iou_thresh,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        pre_nms_top_n={"training": r.pre_nms_top_n_train, "testing": r.pre_nms_top_n_test},
+        post_nms_top_n={"training": r.post_nms_top_n_train, "testing": r.post_nms_top_n_test},
+        nms_thresh=r.nms_thresh,
+    )
+
+
+def build_transform(cfg) -> GeneralizedRCNNTransform:
+    """Normalisation and test-time resize. Training images arrive resized (and padded to a common
+    size here), so the training-time resize is skipped."""
+    inp = cfg.input
+    return GeneralizedRCNNTransform(
+        min_size=inp.min_size_test,
+        max_size=inp.max_size_test,
+        image_mean=list(inp.get("pixel_mean", IMAGENET_MEAN)),
+        image_std=list(inp.get("pixel_std", IMAGENET_STD)),
+        _skip_resize=True,
+    )
+
+
+def build_model(cfg) -> nn.Module:
+    """CoMask (`model.type: comask`) or the Mask R-CNN baseline (`maskrcnn`)."""
+    kind = cfg.model.type
+    backbone = build_backbone(cfg)
+    rpn = build_rpn(cfg, backbone.out_channels)
+    transform = build_transform(cfg)
+    if kind == "comask":
+        from comask.modeling.roi_heads import build_comask_roi_heads
+
+        return CoMask(backbone, rpn, build_comask_roi_heads(cfg, backbone.out_channels), transform)
+    if kind == "maskrcnn":
+        return MaskRCNN(backbone, rpn, build_maskrcnn_roi_heads(cfg, backbone.out_channels), transform)
+    raise ConfigError(f"model.type must be 'comask' or 'maskrcnn', got {kind!r}")

@@ -1,0 +1,47 @@
+"""Mask R-CNN baseline: the same backbone/FPN/RPN/transform as CoMask, torchvision's RoIHeads."""
+
+from __future__ import annotations
+
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import MultiScaleRoIAlign
+
+from comask.modeling.comask import TwoStageDetector
+
+# RoI features come from P2..P5 (torchvision's choice; P6 only feeds the RPN)
+ROI_LEVELS = ["0", "1", "2", "3"]
+
+
+class MaskRCNN(TwoStageDetector):
+    """Mask R-CNN (He et al. 2017) in the CoMask harness: comparisons differ only in the RoI heads
+    (and the MSFEMs, when the config enables them for both)."""
+
+    model_type = "maskrcnn"
+
+
+def build_maskrcnn_roi_heads(cfg, in_channels: int) -> RoIHeads:
+    """torchvision RoIHeads: 7x7 RoIAlign -> 2 FC -> C+1 classes and box deltas; 14x14 RoIAlign ->
+    convs -> deconv -> C+1 class-specific 28x28 masks. Sampling and test knobs from `cfg.model`."""
+    m = cfg.model
+    num_classes = m.num_classes + 1  # + background
+    fc_dim = m.box_head.fc_dim
+    conv_dim = m.mask_head.conv_dim
+    box_pool = MultiScaleRoIAlign(ROI_LEVELS, output_size=7, sampling_ratio=2)
+    mask_pool = MultiScaleRoIAlign(ROI_LEVELS, output_size=14, sampling_ratio=2)
+    return RoIHeads(
+        box_roi_pool=box_pool,
+        box_head=TwoMLPHead(in_channels * 7 * 7, fc_dim),
+        box_predictor=FastRCNNPredictor(fc_dim, num_classes),
+        fg_iou_thresh=m.roi.fg_iou_thresh,
+        bg_iou_thresh=m.roi.bg_iou_thresh,
+        batch_size_per_image=m.roi.batch_size_per_image,
+        positive_fraction=m.roi.positive_fraction,
+        bbox_reg_weights=None,
+        score_thresh=m.test.score_thresh,
+        nms_thresh=m.test.nms_thresh,
+        detections_per_img=m.test.detections_per_img,
+        mask_roi_pool=mask_pool,
+        mask_head=MaskRCNNHeads(in_channels, [conv_dim] * m.mask_head.num_convs, dilation=1),
+        mask_predictor=MaskRCNNPredictor(conv_dim, conv_dim, num_classes),
+    )

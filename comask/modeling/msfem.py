@@ -1,0 +1,96 @@
+"""MSFEM (paper sec. 3.1, METHOD.md sec. 2) and MFPN: one MSFEM after each FPN level P2..P6."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from comask.modeling.backbone import LEVEL_NAMES, gn_groups
+
+
+class MSFEM(nn.Module):
+    """Multi-scale feature extraction with channel attention.
+
+    F_0 = F; F_i = C2(F_{i-1}) for i = 1..B-1 (3x3 stride-2 conv + GN + ReLU), each upsampled
+    bilinearly to F's size; F_f = conv1x1(cat(F_0..F_{B-1})); V2 = sigmoid(fc(relu(fc(gap(F_f)))));
+    y = F_f * V2; F_o = ReLU(y + GN(conv3x3(y))) if `residual` else conv3x3(y).
+
+    On a map that reaches 1x1 before the chain ends, the chain stops: a 1x1 map has no coarser
+    scale, so the remaining branches repeat it (the global summary) instead of running convs on it.
+    """
+
+    def __init__(self, channels: int, branches: int, residual: bool = True, reduction: int = 4):
+        super().__init__()
+        if branches < 1:
+            raise ValueError(f"MSFEM needs at least one branch, got {branches} (use no MSFEM for plain FPN)")
+        self.channels = channels
+        self.branches = branches
+        self.residual = residual
+        groups = gn_groups(channels)
+        self.down = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(groups, channels),
+                nn.ReLU(inplace=True),
+            )
+            for _ in range(branches - 1)
+        )
+        self.fuse = nn.Conv2d(channels * branches, channels, 1)
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.out_conv = nn.Conv2d(channels, channels, 3, padding=1, bias=not residual)
+        self.out_norm = nn.GroupNorm(groups, channels) if residual else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        c = self.channels
+        w = self.fuse.weight
+        # conv1x1(cat(up(F_i))) == sum_i up(W_i F_i): bilinear resizing is linear and acts per
+        # channel, so the 1x1 fusion commutes with it. Applying each slice of the fusion weight at the
+        # branch's own (smaller) resolution avoids building the B*C-channel concatenation at full size.
+        fused = F.conv2d(x, w[:, :c], self.fuse.bias)
+        cur = x
+        for i, down in enumerate(self.down, start=1):
+            if cur.shape[-2] > 1 or cur.shape[-1] > 1:
+                cur = down(cur)
+            part = F.conv2d(cur, w[:, i * c : (i + 1) * c])
+            fused = fused + F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+        att = torch.sigmoid(self.fc2(F.relu(self.fc1(fused.mean(dim=(2, 3))))))
+        y = fused * att[:, :, None, None]
+        if self.out_norm is None:
+            return self.out_conv(y)
+        return F.relu(y + self.out_norm(self.out_conv(y)))
+
+
+class MFPN(nn.Module):
+    """FPN backbone followed by one MSFEM per output level (P2..P6, separate weights).
+
+    Takes the `body` and `fpn` of a torchvision BackboneWithFPN so that state-dict keys stay
+    `body.*` / `fpn.*` as in torchvision's detectors; the MSFEMs live under `msfem.p2` .. `msfem.p6`.
+    """
+
+    def __init__(self, fpn_backbone: nn.Module, branches: int, residual: bool = True, reduction: int = 4):
+        super().__init__()
+        self.body = fpn_backbone.body
+        self.fpn = fpn_backbone.fpn
+        self.out_channels: int = fpn_backbone.out_channels
+        self.msfem = nn.ModuleDict(
+            {name: MSFEM(self.out_channels, branches, residual, reduction) for name in LEVEL_NAMES}
+        )
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        feats = self.fpn(self.body(x))
+        if len(feats) != len(self.msfem):
+            raise RuntimeError(f"MFPN expects {len(self.msfem)} pyramid levels, the FPN gave {len(feats)}")
+        return OrderedDict(
+            (key, module(feat)) for (key, feat), module in zip(feats.items(), self.msfem.values())
+        )
