@@ -353,7 +353,7 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, *, device: torch.device
     if world > 1:
         from comask.engine import dist
 
-        metrics = dist.all_gather_object(metrics)[0]
+        metrics = dist.broadcast_object(metrics, src=0)
     return metrics
 
 
@@ -364,72 +364,48 @@ def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
     os.replace(tmp, path)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from comask.errors import UserError
-
-        raise UserError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
-    return device
-
-
 def evaluate_checkpoint(weights: str | Path, config: str | Path | None = None, opts: list[str] | None = None,
                         out_dir: str | Path | None = None, device: str = "auto") -> dict:
-    """`comask eval`: the checkpoint's model on its config's validation set (cfg.data.val)."""
-    from comask.config import apply_overrides, config_from_dict, load_config
+    """`comask eval`: the checkpoint's model on its config's validation set (cfg.data.val).
+
+    Under torchrun (torch.distributed initialised) each rank evaluates a shard and rank 0 scores.
+    `out_dir` defaults to `eval_<checkpoint stem>/` next to the checkpoint.
+    """
+    from comask.engine import dist
+    from comask.engine.predict import resolve_device
+
+    info = dist.init_distributed(str(device))
+    try:
+        dev = resolve_device(device)
+        if dev.type == "cuda" and info.world_size > 1:
+            dev = torch.device("cuda", info.local_rank)
+        return _evaluate_checkpoint(weights, config, opts, out_dir, dev, info.world_size > 1)
+    finally:
+        dist.cleanup(info)
+
+
+def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: list[str] | None,
+                         out_dir: str | Path | None, dev: torch.device, distributed: bool) -> dict:
     from comask.data.coco import CocoDataset
-    from comask.engine.checkpoint import load_checkpoint
-    from comask.modeling.build import build_model
+    from comask.engine import dist
+    from comask.engine.predict import load_model
 
-    ckpt = load_checkpoint(weights, map_location="cpu")
-    if config is not None:
-        cfg = load_config(config, opts)
-    else:
-        if not isinstance(ckpt.get("config"), dict):
-            from comask.errors import CheckpointError
-
-            raise CheckpointError(f"{weights}: checkpoint stores no config; pass --config")
-        cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), opts))
+    lm = load_model(weights, config, opts, device=dev)
+    cfg = lm.cfg
     if cfg.data.get("synth"):
         from comask.data.synth import ensure_synth
 
-        ensure_synth(cfg.data.synth.preset, cfg.data.synth.root)
+        if dist.is_main_process():  # one writer; the other ranks wait for the files
+            ensure_synth(cfg.data.synth.preset, cfg.data.synth.root)
+        dist.barrier()
     dataset = CocoDataset(cfg.data.val.ann, cfg.data.val.images, train=False,
                           skip_bad=bool(cfg.data.get("skip_bad", False)))
-    meta = ckpt.get("meta") or {}
-    if meta.get("cat_ids") and list(meta["cat_ids"]) != list(dataset.cat_ids):
+    if len(lm.cat_ids) != len(dataset.cat_ids) or (lm.from_meta and list(lm.cat_ids) != list(dataset.cat_ids)):
         raise DataError(
-            f"{cfg.data.val.ann}: category ids {list(dataset.cat_ids)} differ from the checkpoint's "
-            f"{list(meta['cat_ids'])}; evaluate on the data set the model was trained for"
+            f"{cfg.data.val.ann}: category ids {_few(dataset.cat_ids, 10)} differ from the model's "
+            f"{_few(lm.cat_ids, 10)}; evaluate on the data set the model was trained for (or pass its --config)"
         )
-    dev = resolve_device(device)
-    model = build_model(cfg)
-    _load_state(model, ckpt, weights)
-    model.to(dev)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if out_dir is None:
         out_dir = Path(weights).resolve().parent / f"eval_{Path(weights).stem}"
-    return evaluate_model(model, dataset, device=dev, batch_size=2, distributed=distributed, out_dir=out_dir,
+    return evaluate_model(lm.model, dataset, device=dev, batch_size=2, distributed=distributed, out_dir=out_dir,
                           num_workers=int(cfg.data.get("num_workers", 0) or 0))
-
-
-def _load_state(model: torch.nn.Module, ckpt: dict, weights: str | Path) -> None:
-    from comask.errors import CheckpointError
-
-    state = ckpt.get("model")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{weights}: checkpoint has no 'model' state_dict")
-    try:
-        res = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches are raised even when not strict
-        first = str(e).strip().splitlines()[1:2] or [str(e)]
-        raise CheckpointError(f"{weights}: weights do not fit the config's model ({first[0].strip()}); "
-                              "pass the --config it was trained with") from None
-    bad = list(res.missing_keys) + list(res.unexpected_keys)
-    if bad:
-        raise CheckpointError(
-            f"{weights}: weights do not match the config's model ({len(res.missing_keys)} missing, "
-            f"{len(res.unexpected_keys)} unexpected keys, e.g. {', '.join(bad[:3])}); pass the --config it was trained with"
-        )

@@ -1,0 +1,379 @@
+"""Inference on images: the `Predictor` API and `comask predict` (overlays + one COCO-style JSON).
+
+The model sits behind a *backend*: any callable taking a list of float (3, H, W) tensors in [0, 1] and
+returning torchvision-style outputs (`boxes`, `labels`, `scores`, `masks` (N, 1, H, W)) in the input
+images' pixels. `TorchBackend` wraps an `nn.Module`; an ONNX Runtime backend plugs in through
+`load_onnx_backend` with the same call signature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from comask.engine.results import binarize_masks, encode_masks
+from comask.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+# Names Windows refuses as file names whatever the extension; prefixing keeps outputs portable.
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_MAX_NAME = 100
+
+Backend = Callable[[list[torch.Tensor]], list[dict]]
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+class TorchBackend:
+    """A PyTorch detection model in eval mode on one device."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        outs = self.model([im.to(self.device) for im in images])
+        return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in o.items()} for o in outs]
+
+
+def load_onnx_backend(path: str | Path, device: str = "cpu") -> Backend:
+    """Seam for the ONNX Runtime backend (issue 6): must return a `Backend` for an exported model."""
+    try:
+        from comask.export.runtime import OnnxBackend  # type: ignore[import-not-found]
+    except ImportError:
+        raise UserError(f"{path}: ONNX backend not available in this version; use --weights with a .pth checkpoint") from None
+    return OnnxBackend(path, device=device)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    cfg: Any
+    classes: list[str]
+    cat_ids: list[int]
+    from_meta: bool  # False: names/ids were made up (class_i, 1..C) because the checkpoint has no meta
+
+
+def load_model(weights: str | Path, config: str | Path | None = None, opts: list[str] | None = None,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Checkpoint (+ optional config override) -> model on device in eval mode, config, classes, cat ids."""
+    from comask.config import apply_overrides, config_from_dict, load_config
+    from comask.engine.checkpoint import load_checkpoint, load_model_weights
+    from comask.errors import CheckpointError
+    from comask.modeling.build import build_model
+
+    ckpt = load_checkpoint(weights, map_location="cpu")
+    if config is not None:
+        cfg = load_config(config, opts)
+    elif isinstance(ckpt.get("config"), dict):
+        cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), opts))
+    else:
+        raise CheckpointError(f"{weights}: checkpoint stores no config (a bare state_dict?); pass --config")
+    model = build_model(cfg)
+    load_model_weights(model, ckpt["model"], strict=True, source=str(weights))
+    meta = ckpt.get("meta") or {}
+    n = int(cfg.model.num_classes)
+    classes = [str(c) for c in meta.get("classes") or [f"class_{i}" for i in range(1, n + 1)]]
+    cat_ids = [int(c) for c in meta.get("cat_ids") or range(1, len(classes) + 1)]
+    if len(classes) != len(cat_ids):
+        raise CheckpointError(f"{weights}: meta has {len(classes)} class names but {len(cat_ids)} category ids")
+    return LoadedModel(model.to(device).eval(), cfg, classes, cat_ids, bool(meta.get("cat_ids")))
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """A path, PIL image or array -> (H, W, 3) uint8 RGB (paths go through the safe reader)."""
+    if isinstance(image, (str, Path)):
+        from comask.data.images import read_image
+
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        img = ImageOps.exif_transpose(image)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        raise ValueError(f"image array must be uint8 (0..255), got {a.dtype}")
+    return np.ascontiguousarray(a[:, :, :3])
+
+
+class Predictor:
+    """`Predictor(weights)(image) -> Instances` (a dict of numpy arrays; see docs/DESIGN.md)."""
+
+    def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu",
+                 score_thr: float = 0.5, config: str | Path | None = None, *, onnx: str | Path | None = None,
+                 backend: Backend | None = None, classes: Sequence[str] | None = None,
+                 cat_ids: Sequence[int] | None = None):
+        self.device = resolve_device(device)
+        self.score_thr = float(score_thr)
+        self.cfg = None
+        if backend is None:
+            if weights is not None:
+                lm = load_model(weights, config, device=self.device)
+                self.cfg, classes, cat_ids = lm.cfg, lm.classes, lm.cat_ids
+                backend = TorchBackend(lm.model, self.device)
+            elif onnx is not None:
+                backend = load_onnx_backend(onnx, str(self.device))
+                classes = classes or list(getattr(backend, "classes", []))
+                cat_ids = cat_ids or list(getattr(backend, "cat_ids", []))
+            else:
+                raise UserError("Predictor needs weights (a .pth checkpoint) or onnx (an exported model)")
+        if not classes:
+            raise UserError("Predictor: class names unknown (give classes=...)")
+        self.backend = backend
+        self.classes = [str(c) for c in classes]
+        self.cat_ids = [int(c) for c in (cat_ids or range(1, len(self.classes) + 1))]
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, classes: Sequence[str], cat_ids: Sequence[int] | None = None,
+                   device: str | torch.device = "cpu", score_thr: float = 0.5) -> Predictor:
+        """Wrap an already built model (e.g. right after training)."""
+        dev = resolve_device(device)
+        return cls(device=dev, score_thr=score_thr, backend=TorchBackend(model, dev), classes=classes,
+                   cat_ids=cat_ids)
+
+    def __call__(self, image: ImageLike) -> dict[str, Any]:
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[ImageLike]) -> list[dict[str, Any]]:
+        arrays = [to_rgb_array(im) for im in images]
+        return self._run(arrays)
+
+    def _run(self, arrays: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        if not arrays:
+            return []
+        tensors = [torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0) for a in arrays]
+        outputs = self.backend(tensors)
+        return [self._instances(o, a.shape[:2]) for o, a in zip(outputs, arrays)]
+
+    def _instances(self, out: dict, hw: tuple[int, int]) -> dict[str, Any]:
+        scores = np.asarray(out["scores"].detach().cpu() if isinstance(out["scores"], torch.Tensor) else out["scores"],
+                            dtype=np.float32).reshape(-1)
+        keep = np.nonzero(scores >= self.score_thr)[0]
+        boxes = _np(out["boxes"]).astype(np.float32).reshape(-1, 4)[keep]
+        labels = _np(out["labels"]).astype(np.int64).reshape(-1)[keep]
+        if len(labels) and (labels.min() < 1 or labels.max() > len(self.classes)):
+            raise UserError(f"model predicted label {int(labels.max())} but knows {len(self.classes)} classes; "
+                            "the checkpoint's meta does not match its model")
+        if "masks" in out and len(keep):
+            m = out["masks"]
+            m = m[torch.from_numpy(keep)] if isinstance(m, torch.Tensor) else np.asarray(m)[keep]
+            masks = binarize_masks(m, hw)
+        else:
+            masks = np.zeros((len(keep), *hw), dtype=bool)
+        return {
+            "boxes": boxes,
+            "scores": scores[keep],
+            "labels": labels,
+            "category_ids": np.array([self.cat_ids[i - 1] for i in labels], dtype=np.int64),
+            "class_names": [self.classes[i - 1] for i in labels],
+            "masks": masks,
+        }
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def instances_to_rows(inst: dict[str, Any], image_id: int, extra: dict[str, Any] | None = None) -> list[dict]:
+    """Predictor instances -> COCO results rows (RLE masks), `extra` merged into each row."""
+    rles = encode_masks(inst["masks"]) if len(inst["masks"]) else []
+    rows = []
+    for i in range(len(inst["scores"])):
+        x0, y0, x1, y1 = (float(v) for v in inst["boxes"][i])
+        row = {"image_id": int(image_id), "category_id": int(inst["category_ids"][i]),
+               "category_name": inst["class_names"][i],
+               "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+               "score": round(float(inst["scores"][i]), 5)}
+        if rles:
+            row["segmentation"] = rles[i]
+        row.update(extra or {})
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# comask predict
+# ---------------------------------------------------------------------------------------------------
+
+
+def safe_stem(path: str | Path) -> str:
+    """A file-name stem that cannot name another directory: word characters, '.', '-' only."""
+    stem = Path(str(path)).stem if Path(str(path)).suffix.lower() in IMAGE_EXTENSIONS else Path(str(path)).name
+    s = re.sub(r"[^\w.-]+", "_", stem).strip("._-")[:_MAX_NAME] or "image"
+    if s.split(".")[0].upper() in _RESERVED:
+        s = "_" + s
+    return s
+
+
+class OutputNames:
+    """Unique, sanitised output names; a repeated stem gets `_2`, `_3`, ... (case-insensitively unique)."""
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+
+    def take(self, path: str | Path) -> str:
+        base = safe_stem(path)
+        name, k = base, 1
+        while name.lower() in self._used:
+            k += 1
+            name = f"{base}_{k}"
+        self._used.add(name.lower())
+        return name
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]], int]:
+    """Files and folders -> (image paths in order, [(input, problem)], count of ignored non-image files).
+
+    Folders contribute their image-extension files, sorted; a file named explicitly is always tried.
+    """
+    files: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    ignored = 0
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            entries = sorted(q for q in p.iterdir() if q.is_file())
+            imgs = [q for q in entries if q.suffix.lower() in IMAGE_EXTENSIONS]
+            ignored += len(entries) - len(imgs)
+            files.extend(imgs)
+        elif p.exists():
+            files.append(p)
+        else:
+            problems.append((str(inp), "no such file or folder"))
+    return files, problems, ignored
+
+
+class _JsonListWriter:
+    """Streams rows into a JSON list file (temp file + rename) so nothing accumulates in memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.f = open(self.tmp, "w")
+        self.f.write("[")
+        self.n = 0
+
+    def write(self, rows: Iterable[dict]) -> None:
+        for r in rows:
+            self.f.write(("\n" if self.n == 0 else ",\n") + json.dumps(r))
+            self.n += 1
+
+    def close(self) -> None:
+        self.f.write("\n]\n")
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _read_batches(files: Sequence[Path], batch_size: int,
+                  on_bad: Callable[[Path, str], None]) -> Iterator[list[tuple[Path, np.ndarray]]]:
+    from comask.data.images import read_image
+
+    batch: list[tuple[Path, np.ndarray]] = []
+    for f in files:
+        try:
+            batch.append((f, read_image(f)))
+        except UserError as e:
+            on_bad(f, str(e))
+            continue
+        except (OSError, ValueError, MemoryError) as e:
+            on_bad(f, f"{f}: cannot read image ({type(e).__name__}: {e})")
+            continue
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | Path | None = None,
+                  config: str | Path | None = None, onnx: str | Path | None = None, score_thr: float = 0.5,
+                  device: str = "auto", batch_size: int = 2, *, predictor: Predictor | None = None,
+                  draw: bool = True) -> int:
+    """`comask predict`: overlays OUT/<name>.png and OUT/predictions.json; 0 if every input was used, else 1."""
+    from comask.engine.visualize import draw_instances
+
+    if predictor is None:
+        if weights is None and onnx is None:
+            raise UserError("give --weights CKPT (a .pth checkpoint) or --onnx MODEL")
+        if weights is not None and onnx is not None:
+            raise UserError("give either --weights or --onnx, not both")
+        predictor = Predictor(weights, device=device, score_thr=score_thr, config=config, onnx=onnx)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    files, problems, ignored = collect_inputs(inputs)
+    for inp, why in problems:
+        print(f"comask: skipped {inp}: {why}", file=sys.stderr)
+    if not files and not problems:
+        raise UserError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = out_dir.resolve()
+    bad = len(problems)
+
+    def on_bad(path: Path, msg: str) -> None:
+        nonlocal bad
+        bad += 1
+        print(f"comask: skipped {path}: {msg.removeprefix(str(path) + ': ')}", file=sys.stderr)
+
+    names = OutputNames()
+    writer = _JsonListWriter(out_dir / "predictions.json")
+    done = n_inst = 0
+    t0 = time.perf_counter()
+    try:
+        for batch in _read_batches(files, batch_size, on_bad):
+            results = predictor._run([a for _, a in batch])
+            for (path, arr), inst in zip(batch, results):
+                done += 1
+                name = names.take(path)
+                writer.write(instances_to_rows(inst, done, {"file_name": str(path)}))
+                n_inst += len(inst["scores"])
+                if draw:
+                    target = (out_dir / f"{name}.png").resolve()
+                    if target.parent != root:  # unreachable after safe_stem; a guard, not a filter
+                        raise UserError(f"{path}: output name {name!r} would leave {out_dir}")
+                    Image.fromarray(draw_instances(arr, inst, predictor.classes)).save(target)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    dt = time.perf_counter() - t0
+    msg = f"predicted {done} image(s), {n_inst} instance(s) in {dt:.1f}s -> {out_dir}/ (predictions.json"
+    msg += ", overlays)" if draw else ")"
+    if bad:
+        msg += f"; skipped {bad} bad input(s)"
+    if ignored:
+        msg += f"; ignored {ignored} non-image file(s)"
+    print(msg)
+    return 0 if bad == 0 else 1
