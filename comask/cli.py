@@ -16,7 +16,7 @@ from comask.errors import UserError
 def _cmd_data_check(a: argparse.Namespace) -> int:
     from comask.data.check import run_check
 
-    return run_check(a.ann, a.images, as_json=a.json)
+    return run_check(a.ann, a.images, as_json=a.json, deep=a.deep)
 
 
 def _cmd_data_synth(a: argparse.Namespace) -> int:
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ann", required=True, help="COCO instances JSON")
     c.add_argument("--images", required=True, help="image folder")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--deep", action="store_true", help="decode every image (slower; finds corruption mid-file)")
     c.set_defaults(func=_cmd_data_check)
     s = data.add_parser("synth", help="write the synthetic shapes data set in COCO format")
     s.add_argument("--out", required=True)

@@ -113,29 +113,42 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+class AnnotationFileError(DataError):
+    """The annotation file itself is unusable; `kind` is a stable code used by `comask data check`."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 def load_coco_json(path: str | Path) -> dict:
     """Read a COCO instances JSON; raise DataError naming the file and the fix if its shape is wrong."""
     path = Path(path)
     try:
         text = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found; check data.*.ann / --ann") from None
+        raise AnnotationFileError(f"{path}: annotation file not found; check data.*.ann / --ann",
+                                  "missing_annotation_file") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read annotation file ({e.strerror})") from None
+        raise AnnotationFileError(f"{path}: cannot read annotation file ({e.strerror})",
+                                  "missing_annotation_file") from None
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); export the annotations again as COCO JSON") from None
+        raise AnnotationFileError(f"{path}: not valid JSON ({e}); export the annotations again as COCO JSON",
+                                  "not_json") from None
+    except RecursionError:
+        raise AnnotationFileError(f"{path}: JSON nested too deeply; this is not a COCO file", "not_json") from None
     if not isinstance(data, dict):
-        raise DataError(f"{path}: top level must be a JSON object with images/annotations/categories, "
-                        f"got {type(data).__name__}")
+        raise AnnotationFileError(f"{path}: top level must be a JSON object with images/annotations/categories, "
+                                  f"got {type(data).__name__}", "wrong_type")
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
-        raise DataError(f"{path}: missing key(s) {', '.join(missing)}; a COCO instances file needs "
-                        "images, annotations and categories")
+        raise AnnotationFileError(f"{path}: missing key(s) {', '.join(missing)}; a COCO instances file needs "
+                                  "images, annotations and categories", "missing_keys")
     for k in ("images", "annotations", "categories"):
         if not isinstance(data[k], list):
-            raise DataError(f"{path}: '{k}' must be a list, got {type(data[k]).__name__}")
+            raise AnnotationFileError(f"{path}: '{k}' must be a list, got {type(data[k]).__name__}", "wrong_type")
     return data
 
 
