@@ -1,0 +1,100 @@
+"""The collaborative head network (CoMask paper sec. 3.2; METHOD.md section 3).
+
+14x14 RoI features -> 3x3 conv stride 2 (14 -> 7) -> `num_convs` x (3x3 conv, GN, ReLU) = X;
+X -> 3x3 conv -> 4 channels + ReLU: dense (l, t, r, b) offsets at 7x7;
+X -> 2 x (deconv 2x2 stride 2, GN, ReLU) -> 3x3 conv -> C+1 coarse mask logits at 28x28.
+
+The stride-2 conv also has GN + ReLU, as in the D2Det head the authors built on. Only one class's
+mask is ever used per RoI (the ground-truth class in training, the predicted class at test), so the
+last conv is evaluated for that class alone instead of for all C+1 channels: at 81 classes the full
+conv (and its backward) would otherwise be the most expensive layer of the head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gn_groups(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups: 32 for 256 channels, fewer (>= 4 channels each) for narrow CPU heads."""
+    g = max(1, min(max_groups, channels // 4))
+    while channels % g:
+        g -= 1
+    return g
+
+
+def _conv_gn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(gn_groups(cout), cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class CollaborativeHead(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, conv_dim: int = 256, num_convs: int = 9):
+        super().__init__()
+        self.num_classes = num_classes
+        layers = [_conv_gn_relu(in_channels, conv_dim, stride=2)]
+        layers += [_conv_gn_relu(conv_dim, conv_dim) for _ in range(num_convs)]
+        self.tower = nn.Sequential(*layers)
+        self.offset_pred = nn.Conv2d(conv_dim, 4, 3, padding=1)
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(conv_dim, conv_dim, 2, stride=2, bias=False),
+            nn.GroupNorm(gn_groups(conv_dim), conv_dim),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(conv_dim, conv_dim, 2, stride=2, bias=False),
+            nn.GroupNorm(gn_groups(conv_dim), conv_dim),
+            nn.ReLU(inplace=True),
+        )
+        self.mask_pred = nn.Conv2d(conv_dim, num_classes + 1, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.offset_pred.weight, std=1e-3)
+        # Start every cell at the distances of the RoI's own box from a central cell, so the ReLU output is
+        # positive (live gradient) and the first decoded boxes are sensible.
+        nn.init.constant_(self.offset_pred.bias, 0.5)
+        nn.init.normal_(self.mask_pred.weight, std=1e-3)
+        nn.init.zeros_(self.mask_pred.bias)
+
+    def features(self, x: Tensor) -> Tensor:
+        """(N, in, 14, 14) -> X (N, conv_dim, 7, 7)."""
+        return self.tower(x)
+
+    def offsets(self, feat: Tensor) -> Tensor:
+        """X -> (N, 4, 7, 7) non-negative (l, t, r, b) in units of the RoI size."""
+        return F.relu(self.offset_pred(feat))
+
+    def mask_logits(self, feat: Tensor, classes: Tensor | None = None) -> Tensor:
+        """X -> (N, C+1, 28, 28) logits, or (N, 1, 28, 28) for `classes` (N,) only."""
+        up = self.upsample(feat)
+        if classes is None:
+            return self.mask_pred(up)
+        n, c, h, w = up.shape
+        k = self.mask_pred.kernel_size[0]
+        # A 3x3 conv with one output channel per RoI: a batched matmul of the RoI's class filter taps with
+        # its features (N, k*k, h*w), then the k*k shifted tap maps summed. ~20x cheaper than the full
+        # C+1-channel conv (forward + backward) and exact up to float rounding.
+        taps = self.mask_pred.weight[classes].reshape(n, c, k * k).transpose(1, 2)
+        z = torch.bmm(taps, up.reshape(n, c, h * w)).reshape(n, k, k, h, w)
+        p = k // 2
+        z = F.pad(z, (p, p, p, p))
+        out = self.mask_pred.bias[classes][:, None, None].expand(n, h, w)
+        for i in range(k):
+            for j in range(k):
+                out = out + z[:, i, j, i : i + h, j : j + w]
+        return out[:, None]
+
+    def forward(self, x: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        feat = self.features(x)
+        return self.offsets(feat), self.mask_logits(feat, classes)
+
+
+def fg_confidence(mask_logits: Tensor, grid: int = 7) -> Tensor:
+    """M_s: sigmoid of a (N, 1, 28, 28) mask, average-pooled to (N, 1, grid, grid)."""
+    return F.adaptive_avg_pool2d(mask_logits.sigmoid(), grid)

@@ -1,0 +1,196 @@
+"""CoMask's RoI stage: classification head + collaborative head, with torchvision RoIHeads' interface.
+
+Training: sampled RoIs -> classification CE; jittered positives -> collaborative head -> IoU loss on
+the dense offsets and BCE on the ground-truth class's coarse mask.
+Test: class scores on the proposals -> per-class score filter and NMS -> top detections -> one pass of
+the collaborative head on the detections (offsets + predicted-class mask -> M_s -> voted box) -> a
+second RoIAlign on the voted boxes -> the same head -> the class's 28x28 mask. Every step runs on all
+RoIs of the batch at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+from torchvision.ops import batched_nms, remove_small_boxes
+
+from comask.modeling.collab_head import CollaborativeHead, fg_confidence
+from comask.modeling.heads import ClassificationHead, FPNRoIAlign
+from comask.modeling.losses import classification_loss, mask_loss, offset_loss
+from comask.modeling.targets import add_gt_proposals, collab_targets, sample_proposals
+from comask.modeling.voting import clamp_boxes, vote_boxes
+
+
+class CoMaskRoIHeads(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        fc_dim: int = 1024,
+        conv_dim: int = 256,
+        num_convs: int = 9,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        cls_loss_weight: float = 2.0,
+        jitter: float = 0.15,
+        max_pos_per_image: int = 192,
+        offset_loss_weight: float = 2.0,
+        mask_loss_weight: float = 1.0,
+        vote_thresh: float = 0.5,
+        collaborative: bool = True,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+        sampling_ratio: int = 2,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.cls_pooler = FPNRoIAlign(7, sampling_ratio)
+        self.cls_head = ClassificationHead(in_channels, num_classes, fc_dim, 7)
+        self.collab_pooler = FPNRoIAlign(14, sampling_ratio)
+        self.collab_head = CollaborativeHead(in_channels, num_classes, conv_dim, num_convs)
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.cls_loss_weight = cls_loss_weight
+        self.jitter = jitter
+        self.max_pos_per_image = max_pos_per_image
+        self.offset_loss_weight = offset_loss_weight
+        self.mask_loss_weight = mask_loss_weight
+        self.vote_thresh = vote_thresh
+        self.collaborative = collaborative
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    # ---------------------------------------------------------------- training
+    @staticmethod
+    def _check_targets(targets: list[dict[str, Tensor]] | None, n_images: int) -> list[dict[str, Tensor]]:
+        if targets is None or len(targets) != n_images:
+            raise ValueError("CoMaskRoIHeads: training needs one target dict per image")
+        for t in targets:
+            for key in ("boxes", "labels", "masks"):
+                if key not in t:
+                    raise ValueError(f"CoMaskRoIHeads: target is missing '{key}'")
+            if not t["boxes"].is_floating_point():
+                raise TypeError("CoMaskRoIHeads: target boxes must be a float tensor")
+        return targets
+
+    def _losses(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        proposals = [p.detach() for p in proposals]
+        cls_t = sample_proposals(
+            add_gt_proposals(proposals, targets), targets, self.proposal_matcher, self.fg_bg_sampler
+        )
+        logits = self.cls_head(self.cls_pooler(features, cls_t.proposals, image_shapes))
+        col_t = collab_targets(cls_t, targets, image_shapes, self.jitter, self.max_pos_per_image)
+        x = self.collab_pooler(features, col_t.rois, image_shapes)
+        offsets, masks = self.collab_head(x, col_t.labels)
+        return {
+            "loss_cls": classification_loss(logits, cls_t.labels) * self.cls_loss_weight,
+            "loss_offset": offset_loss(offsets, col_t.offsets, col_t.masks) * self.offset_loss_weight,
+            "loss_mask": mask_loss(masks, col_t.masks) * self.mask_loss_weight,
+        }
+
+    # ---------------------------------------------------------------- inference
+    def _detect(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per image: boxes (N, 4) (the proposals' boxes), scores (N,), labels (N,) after filtering and NMS."""
+        logits = self.cls_head(self.cls_pooler(features, proposals, image_shapes))
+        probs = F.softmax(logits, dim=-1).split([p.shape[0] for p in proposals])
+        out_boxes, out_scores, out_labels = [], [], []
+        for props, prob in zip(proposals, probs):
+            n, c1 = prob.shape
+            # Every (proposal, foreground class) pair is a candidate; the classification head does not
+            # regress boxes, so all classes of a proposal share its box.
+            scores = prob[:, 1:].reshape(-1)
+            labels = torch.arange(1, c1, device=prob.device).repeat(n)
+            idx = torch.where(scores > self.score_thresh)[0]
+            boxes = props[idx // (c1 - 1)]
+            scores, labels = scores[idx], labels[idx]
+            keep = remove_small_boxes(boxes, 1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels
+
+    def _segment(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Voted boxes and (N, 1, 28, 28) mask probabilities for the detections of every image."""
+        counts = [b.shape[0] for b in boxes]
+        rois = torch.cat(boxes)
+        cls = torch.cat(labels)
+        hw = torch.cat(
+            [torch.tensor(s, device=rois.device).expand(n, 2) for s, n in zip(image_shapes, counts)]
+        ).reshape(-1, 2)
+        head = self.collab_head
+        feat = head.features(self.collab_pooler(features, boxes, image_shapes))
+        offsets = head.offsets(feat)
+        fg = fg_confidence(head.mask_logits(feat, cls))
+        voted = clamp_boxes(vote_boxes(rois, offsets, fg, self.vote_thresh, self.collaborative), hw)
+        voted_per_image = list(voted.split(counts))
+        feat = head.features(self.collab_pooler(features, voted_per_image, image_shapes))
+        masks = head.mask_logits(feat, cls).sigmoid()
+        return voted_per_image, list(masks.split(counts))
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if self.training:
+            targets = self._check_targets(targets, len(proposals))
+            return [], self._losses(features, proposals, image_shapes, targets)
+        boxes, scores, labels = self._detect(features, proposals, image_shapes)
+        voted, masks = self._segment(features, boxes, labels, image_shapes)
+        results = [
+            {"boxes": b, "labels": lab, "scores": s, "masks": m}
+            for b, lab, s, m in zip(voted, labels, scores, masks)
+        ]
+        return results, {}
+
+
+def build_comask_roi_heads(cfg, in_channels: int) -> CoMaskRoIHeads:
+    """CoMaskRoIHeads from a config's `model` section (`cfg.model.roi`, `box_head`, `collab_head`, `test`)."""
+    m = cfg.model
+    roi, box, col, test = m.roi, m.box_head, m.collab_head, m.test
+    return CoMaskRoIHeads(
+        in_channels,
+        int(m.num_classes),
+        fc_dim=int(box.fc_dim),
+        conv_dim=int(col.conv_dim),
+        num_convs=int(col.num_convs),
+        batch_size_per_image=int(roi.batch_size_per_image),
+        positive_fraction=float(roi.positive_fraction),
+        fg_iou_thresh=float(roi.fg_iou_thresh),
+        bg_iou_thresh=float(roi.bg_iou_thresh),
+        cls_loss_weight=float(box.cls_loss_weight),
+        jitter=float(col.jitter),
+        max_pos_per_image=int(col.max_pos_per_image),
+        offset_loss_weight=float(col.offset_loss_weight),
+        mask_loss_weight=float(col.mask_loss_weight),
+        vote_thresh=float(col.vote_thresh),
+        collaborative=bool(col.collaborative),
+        score_thresh=float(test.score_thresh),
+        nms_thresh=float(test.nms_thresh),
+        detections_per_img=int(test.detections_per_img),
+    )
