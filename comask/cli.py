@@ -30,8 +30,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from comask.config import load_config
     from comask.engine.train import train
 
-    train(load_config(a.config, a.opts), a.out, resume=a.resume)
-    return 0
+    # 130/143 when stopped by SIGINT/SIGTERM (a checkpoint was written; continue with --resume).
+    return int(train(load_config(a.config, a.opts), a.out, resume=a.resume)["exit_code"])
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
