@@ -31,9 +31,10 @@ _RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6")
 
 
-def gn_groups(channels: int, max_groups: int = 32) -> int:
-    """The largest group count <= max_groups that divides `channels` (GN(32) for 256 channels)."""
-    for g in range(min(max_groups, channels), 0, -1):
+def gn_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """GroupNorm group count: GN(32) at 256 channels; narrower layers get fewer groups so that each
+    group keeps >= `min_group_size` channels (a 1x1 map with one channel per group cannot be normalised)."""
+    for g in range(min(max_groups, max(1, channels // min_group_size)), 0, -1):
         if channels % g == 0:
             return g
     return 1
@@ -120,10 +121,10 @@ def load_backbone_weights(net: resnet.ResNet, path: str | Path) -> tuple[list[st
             f"model.backbone.weights: {p} does not fit this ResNet (shape differs for {bad[0]}); "
             "check model.backbone.depth"
         )
+    if not any(k in own for k in sd):
+        raise CheckpointError(f"model.backbone.weights: no key of {p} matches a torchvision ResNet")
     result = net.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    if len(missing) == len([k for k in own if not k.startswith("fc.")]):
-        raise CheckpointError(f"model.backbone.weights: no key of {p} matches a torchvision ResNet")
     return missing, list(result.unexpected_keys)
 
 
