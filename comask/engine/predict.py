@@ -169,7 +169,9 @@ class Predictor:
     def _run(self, arrays: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         if not arrays:
             return []
-        tensors = [torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0) for a in arrays]
+        # PIL-backed arrays are read-only; torch wants writable memory even though it only reads here
+        tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1).float().div_(255.0)
+                   for a in arrays]
         outputs = self.backend(tensors)
         return [self._instances(o, a.shape[:2]) for o, a in zip(outputs, arrays)]
 
