@@ -272,6 +272,7 @@ def scan_coco(
             cats[cid] = {"id": cid, "name": c["name"]}
 
     images: dict[int, dict] = {}
+    invalid_ids: set[int] = set()  # ids of image entries that are themselves reported as bad
     seen_files: dict[str, int] = {}
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict):
@@ -285,6 +286,8 @@ def scan_coco(
         if iid is None or not isinstance(fn, str) or not fn or h is None or w is None or h <= 0 or w <= 0:
             bad = [k for k, ok in (("id", iid is not None), ("file_name", isinstance(fn, str) and bool(fn)),
                                    ("height", h is not None and h > 0), ("width", w is not None and w > 0)) if not ok]
+            if iid is not None:
+                invalid_ids.add(iid)
             image_problems.setdefault(key, []).append(Problem(
                 "error", "bad_image_entry", f"images[{i}] (id {im.get('id')!r}): missing or wrong type: {', '.join(bad)}",
                 "every image needs an integer id, a file_name and positive integer width/height",
@@ -364,6 +367,8 @@ def scan_coco(
                                          "give every annotation a unique id", image_id=iid, ann_id=aid))
             continue
         seen_ann.add(aid)
+        if iid in invalid_ids and iid not in images:
+            continue  # the image entry's own problem covers its annotations
         if iid not in images:
             info.problems.append(Problem("error", "unknown_image",
                                          f"annotation {aid}: image_id {iid} is not in 'images'",
@@ -460,12 +465,12 @@ class CocoDataset(torch.utils.data.Dataset):
         per_image: dict[int, list] = {}
         has_crowd: set[int] = set()
         for a in scan.anns:
+            if a.image_id in bad_images:
+                continue  # skipped (or fatal) with its image
             errors = [p for p in a.problems if p.level == "error" and p.kind not in DEGENERATE_KINDS]
             where = f"annotation {a.ann_id} (image {a.image_id})"
             if errors:
                 self._bad(errors[0], where, errors[0].kind)
-                continue
-            if a.image_id in bad_images:
                 continue
             if a.box is None or a.segm is None:
                 kind = next((p.kind for p in a.problems if p.kind in DEGENERATE_KINDS), "degenerate")

@@ -123,8 +123,21 @@ def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, decode: bool 
             _load(img, path)
     finally:
         img.close()
+    if decode:
+        _verify(path, max_pixels)
     w, h = (rh, rw) if swap else (rw, rh)
     return ImageInfo(width=w, height=h, raw_width=rw, raw_height=rh, format=fmt, mode=mode)
+
+
+def _verify(path: Path, max_pixels: int) -> None:
+    """PIL's structural check (PNG chunk CRCs, ...): finds damage that still decodes to some pixels."""
+    img = _open(path, max_pixels)
+    try:
+        img.verify()
+    except Exception as e:  # verify raises many types for the many ways a file can be damaged
+        raise ImageFileError(f"{path}: corrupt image data ({e}); re-copy or re-encode the file", "corrupt_image") from None
+    finally:
+        img.close()
 
 
 def _load(img: Image.Image, path: Path) -> None:
