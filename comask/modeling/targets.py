@@ -4,7 +4,7 @@
   with torchvision's `Matcher` / `BalancedPositiveNegativeSampler`; label 0 = background.
 - Collaborative head: the sampled positives, at most `max_pos` per image, each jittered by up to
   +-`jitter` of its width/height per side; offset targets on the 7x7 grid of the jittered box; 28x28
-  mask targets by RoIAlign of the matched ground-truth mask onto the jittered box.
+  mask targets by RoIAlign of the matched ground-truth mask onto the jittered box, thresholded at 0.5.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class CollabTargets:
     rois: list[Tensor]  # per image (P_i, 4): jittered positive boxes
     labels: Tensor  # (sum P_i,) int64 in 1..C
     offsets: Tensor  # (sum P_i, 4, 7, 7)
-    masks: Tensor  # (sum P_i, 1, 28, 28) soft targets in [0, 1]
+    masks: Tensor  # (sum P_i, 1, 28, 28) binary (0./1.) targets
 
 
 def sample_proposals(
@@ -84,14 +84,19 @@ def jitter_boxes(boxes: Tensor, amplitude: float, image_hw: tuple[int, int]) -> 
 
 
 def mask_targets(gt_masks: Tensor, gt_index: Tensor, rois: Tensor, size: int = 28) -> Tensor:
-    """RoIAlign (aligned, like the features) of the matched ground-truth masks onto `rois` -> (P, 1, size, size)."""
+    """Matched ground-truth masks resampled onto `rois` -> (P, 1, size, size) of 0. / 1.
+
+    RoIAlign (aligned, like the features) then a 0.5 threshold, as the authors' mmdetection lineage does:
+    bilinear sampling alone would blur every object's border into the target.
+    """
     if rois.shape[0] == 0:
         return rois.new_zeros((0, 1, size, size))
     # Only the masks that are matched get converted to float, which matters for crowded full-size images.
     used, inverse = torch.unique(gt_index, return_inverse=True)
     masks = gt_masks[used][:, None].to(rois.dtype)
     boxes = torch.cat([inverse[:, None].to(rois.dtype), rois], dim=1)
-    return roi_align(masks, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    soft = roi_align(masks, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return (soft >= 0.5).to(rois.dtype)
 
 
 def collab_targets(
