@@ -174,3 +174,32 @@ def test_draw_instances():
     empty = draw_instances(img, {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0),
                                  "masks": np.zeros((0, 60, 80), bool)})
     assert (empty == img).all()
+
+
+def test_eval_checkpoint_cli(ckpt, tmp_path, capsys):
+    """`comask eval` with the stored config pointed at a tiny data set: metrics.json in the eval form."""
+    from test_evaluate import _write_coco
+
+    ann = _write_coco(tmp_path)
+    out = tmp_path / "ev"
+    rc = cli_main(["eval", "--weights", str(ckpt), "--out", str(out), "--device", "cpu", "--opts",
+                   f"data.val.ann={ann}", f"data.val.images={tmp_path}", "data.num_workers=0"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"} and "segm" in m
+    assert 0.0 <= m["segm"]["AP"] <= 1.0
+    assert set(m["per_category"]["segm"]) <= set(CLASSES)
+    assert m["num_images"] == 3
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["category_id"] for r in rows} <= set(CAT_IDS)
+    assert "AP50" in capsys.readouterr().out
+    # a data set with other categories than the checkpoint's is refused with a clear message
+    data = json.loads(ann.read_text())
+    data["categories"][0]["id"] = 4
+    for a in data["annotations"]:
+        a["category_id"] = 4 if a["category_id"] == 3 else a["category_id"]
+    ann.write_text(json.dumps(data))
+    rc = cli_main(["eval", "--weights", str(ckpt), "--out", str(out), "--device", "cpu", "--opts",
+                   f"data.val.ann={ann}", f"data.val.images={tmp_path}", "data.num_workers=0"])
+    assert rc == 2
+    assert "category ids" in capsys.readouterr().err
