@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import queue
 import threading
@@ -86,15 +87,23 @@ class ApiError(Exception):
         self.headers = headers
 
 
-class _BodyTooLarge(Exception):
-    pass
+SECURITY_HEADERS = [
+    # The page loads nothing from elsewhere; say so, so that a browser enforces it.
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+     b"script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+]
 
 
-class BodyLimitMiddleware:
-    """Refuse request bodies over `limit` bytes with 413 before they are read into memory.
+class GuardMiddleware:
+    """Refuse request bodies over `limit` bytes with 413 before they are read into memory, and add
+    the security headers to every response.
 
     The Content-Length header is checked up front; bodies without one (chunked uploads) are
     counted as they stream in, so a client cannot get past the limit by omitting the header.
+    When the count runs over, the app is told the client disconnected and whatever it answers
+    is replaced by the 413. (Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps
+    `receive` in ways that would hide the disconnect.)
     """
 
     def __init__(self, app: ASGIApp, limit: int):
@@ -115,36 +124,44 @@ class BodyLimitMiddleware:
                     await self._reject(send)
                     return
         seen = 0
+        too_large = False
         started = False
 
         async def counted_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge
+                    too_large = True
+                    return {"type": "http.disconnect"}
             return msg
 
-        async def tracking_send(msg: Message) -> None:
+        async def guarded_send(msg: Message) -> None:
             nonlocal started
+            if too_large:
+                return
             if msg["type"] == "http.response.start":
                 started = True
+                msg = dict(msg)
+                msg["headers"] = list(msg.get("headers", [])) + SECURITY_HEADERS
             await send(msg)
 
         try:
-            await self.app(scope, counted_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._reject(send)
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = JSONResponse(
-            {"error": f"upload too large: the limit is {self.limit} bytes"}, status_code=413
-        ).body
+        body = json.dumps({"error": f"upload too large: the limit is {self.limit} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
+            (b"connection", b"close"), *SECURITY_HEADERS,
         ]})
         await send({"type": "http.response.body", "body": body})
 
@@ -422,18 +439,7 @@ def create_app(predictor: ServePredictor, info: ModelInfo | None = None,
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.middleware("http")
-    async def _security_headers(request: Request, call_next):
-        response = await call_next(request)
-        # The page loads nothing from elsewhere; say so, so a browser enforces it.
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
-
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(GuardMiddleware, limit=settings.max_upload_bytes)
     return app
 
 
@@ -443,8 +449,6 @@ async def _read_upload(request: Request) -> bytes:
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=8)
-        except _BodyTooLarge:
-            raise
         except Exception:
             raise ApiError(400, "could not parse the multipart form") from None
         upload = form.get("file")

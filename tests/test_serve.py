@@ -1,0 +1,282 @@
+"""`comask serve`: HTTP API tests on a real (tiny, random) CoMask checkpoint, limits and failures,
+queueing, and a short load test on loopback. The browser test is in test_serve_browser.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+import warnings
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from PIL import Image
+
+from comask.serve.app import ServeSettings, create_app, load_predictor
+from comask.serve.loadtest import background_server, png_bytes, run_load, synthetic_image
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+CLASSES = ["circle", "square", "triangle"]
+# CoMask from the built-in R50 config, shrunk so one 128 px image takes a fraction of a second on
+# a CPU; the model head's own score threshold is 0 so that random weights still yield detections.
+TINY_OVERRIDES = [
+    "model.num_classes=3", "model.backbone.depth=18", "model.backbone.norm=bn", "model.backbone.frozen_stages=0",
+    "model.fpn.channels=32", "model.rpn.anchor_sizes=[8,16,32,64,128]", "model.rpn.pre_nms_top_n_test=100",
+    "model.rpn.post_nms_top_n_test=50", "model.box_head.fc_dim=64", "model.collab_head.conv_dim=32",
+    "model.collab_head.num_convs=2", "model.test.detections_per_img=20", "model.test.score_thresh=0.0",
+    "input.min_size_test=128", "input.max_size_test=192",
+]
+
+
+def make_tiny_checkpoint(path) -> str:
+    """A real checkpoint in the DESIGN.md layout: random CoMask weights, config, class meta."""
+    from comask.config import load_config
+    from comask.engine.checkpoint import save_checkpoint
+    from comask.modeling.build import build_model
+
+    cfg = load_config("comask_r50_mfpn_2x_coco", TINY_OVERRIDES)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "iter": 0,
+                     "meta": {"classes": CLASSES, "cat_ids": [11, 12, 13]}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_ckpt):
+    return load_predictor(tiny_ckpt, "cpu")
+
+
+@pytest.fixture(scope="module")
+def client(loaded):
+    with TestClient(create_app(*loaded)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return synthetic_image(96, 128, seed=3)
+
+
+def post_png(client, data: bytes, params=None, name="x.png", ctype="image/png"):
+    return client.post("/predict", params=params or {}, files={"file": (name, data, ctype)})
+
+
+def test_predict_returns_the_models_instances_as_coco_rows(client, loaded, image):
+    r = post_png(client, png_bytes(image), {"score_thr": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image"] == {"width": 128, "height": 96}
+    assert body["time_ms"] > 0 and body["batch_size"] == 1
+    rows = body["instances"]
+    # The service must return exactly what the model finds for the same pixels.
+    predictor, _ = loaded
+    ref = predictor(image)
+    assert len(rows) == len(ref["scores"]) > 0
+    scores = [d["score"] for d in rows]
+    assert scores == sorted(scores, reverse=True)
+    order = np.argsort(-ref["scores"], kind="stable")
+    for d, k in zip(rows, order):
+        assert d["class_name"] in CLASSES and d["category_id"] == 11 + CLASSES.index(d["class_name"])
+        assert d["score"] == pytest.approx(float(ref["scores"][k]), abs=1e-4)
+        x1, y1, x2, y2 = ref["boxes"][k]
+        assert d["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.01)
+        seg = d["segmentation"]
+        assert seg["size"] == [96, 128] and isinstance(seg["counts"], str)
+        decoded = mask_util.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+        assert np.array_equal(decoded, ref["masks"][k])
+        assert d["area"] == int(decoded.sum())
+
+
+def test_score_threshold_and_max_det_filter(client, image):
+    data = png_bytes(image)
+    everything = post_png(client, data, {"score_thr": 0}).json()["instances"]
+    assert len(everything) > 3
+    assert len(post_png(client, data, {"score_thr": 0, "max_det": 3}).json()["instances"]) == 3
+    mid = float(np.median([d["score"] for d in everything]))
+    kept = post_png(client, data, {"score_thr": mid}).json()["instances"]
+    assert 0 < len(kept) < len(everything) and all(d["score"] >= mid for d in kept)
+    r = post_png(client, data, {"score_thr": 1.5})
+    assert r.status_code == 422 and "score_thr" in r.json()["error"]
+
+
+def test_raw_jpeg_body_and_rgba_png_are_accepted(client, image):
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    r = client.post("/predict", content=buf.getvalue(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["image"] == {"width": 128, "height": 96}
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    r = post_png(client, png_bytes(rgba))
+    assert r.status_code == 200
+
+
+def test_wrong_content_type_is_415(client):
+    r = post_png(client, b"hello", name="notes.txt", ctype="text/plain")
+    assert r.status_code == 415 and "text/plain" in r.json()["error"]
+    r = client.post("/predict", json={"image": "x"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+
+
+def test_corrupt_or_missing_image_is_400(client, image):
+    r = post_png(client, b"\x89PNG\r\n\x1a\nnot really a png")
+    assert r.status_code == 400 and "decode" in r.json()["error"]
+    truncated = png_bytes(synthetic_image(64, 64))[:150]
+    r = post_png(client, truncated)
+    assert r.status_code == 400 and "error" in r.json()
+    r = client.post("/predict", files={"other": ("x.png", png_bytes(image), "image/png")})
+    assert r.status_code == 400 and "'file'" in r.json()["error"]
+    r = post_png(client, b"")
+    assert r.status_code == 400
+
+
+def test_upload_size_and_pixel_limits(loaded, image):
+    settings = ServeSettings(max_upload_bytes=20_000, max_pixels=100 * 100)
+    with TestClient(create_app(*loaded, settings=settings)) as c:
+        big = np.random.default_rng(0).integers(0, 255, (120, 120, 3), dtype=np.uint8)  # noise: PNG ~43 kB
+        r = post_png(c, png_bytes(big))
+        assert r.status_code == 413 and "20000 bytes" in r.json()["error"]
+
+        # Without a Content-Length header (chunked upload) the body is counted while it streams in.
+        def chunks():
+            for _ in range(10):
+                yield b"\0" * 4096
+        r = c.post("/predict", content=chunks(), headers={"content-type": "image/png"})
+        assert r.status_code == 413
+
+        # A small file that decodes to too many pixels is refused before decoding.
+        flat = np.zeros((200, 200, 3), np.uint8)
+        r = post_png(c, png_bytes(flat))
+        assert r.status_code == 413 and "200x200" in r.json()["error"]
+        assert post_png(c, png_bytes(image[:90, :100])).status_code == 200
+
+
+def test_health_and_metadata(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["model_loaded"] is True and h["worker_alive"] is True
+    m = client.get("/metadata").json()
+    assert m["classes"] == CLASSES and m["category_ids"] == [11, 12, 13]
+    assert m["config"] == "comask_r50_mfpn_2x_coco" and m["model_type"] == "comask"
+    assert m["input_size"] == {"min_size_test": 128, "max_size_test": 192}
+    assert m["version"] and m["device"] == "cpu" and m["weights"] == "tiny.pth"
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("app.js", "rle.js", "style.css"):
+        assert client.get(f"/static/{asset}").status_code == 200
+    assert client.get("/missing").json() == {"error": "Not Found"}
+
+
+class _Exploding:
+    classes = CLASSES
+
+    def __call__(self, image):
+        raise RuntimeError("secret internal detail /srv/models/x.pth")
+
+
+def test_internal_errors_are_500_without_traceback(caplog, image):
+    with TestClient(create_app(_Exploding()), raise_server_exceptions=False) as c:
+        with caplog.at_level(logging.ERROR, logger="comask.serve"):
+            r = post_png(c, png_bytes(image))
+        assert r.status_code == 500
+        body = r.json()
+        assert body["error"].startswith("internal server error (reference ")
+        assert "secret" not in r.text and "Traceback" not in r.text
+        # ... while the server log keeps the full story under the same reference.
+        ref = body["error"].split("reference ")[1].rstrip(")")
+        logged = "\n".join(rec.getMessage() + str(rec.exc_info) for rec in caplog.records)
+        assert ref in logged and "secret internal detail" in logged
+        # and the process keeps serving
+        assert c.get("/health").json()["failed"] == 1
+
+
+class _Gated:
+    """A predictor that blocks until released: makes queueing observable."""
+
+    classes = CLASSES
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, image):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.inner(image)
+
+
+def test_full_queue_answers_503_and_recovers(loaded, image):
+    import httpx
+
+    gated = _Gated(loaded[0])
+    app = create_app(gated, settings=ServeSettings(max_queue=1))
+    data = png_bytes(image)
+    with background_server(app) as url:
+        first: dict = {}
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(
+            f"{url}/predict", files={"file": ("a.png", data, "image/png")}, timeout=60)))
+        t.start()
+        assert gated.entered.wait(30)
+        r = httpx.post(f"{url}/predict", files={"file": ("b.png", data, "image/png")}, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]
+        gated.gate.set()
+        t.join(60)
+        assert first["r"].status_code == 200
+        assert httpx.get(f"{url}/health").json()["queue"] == 0
+
+
+def test_concurrent_requests_are_batched_and_match_single_runs(loaded, image):
+    """8 clients at once on the real model: all succeed, micro-batches form, and a batched answer
+    equals the answer for the same image alone."""
+    import httpx
+
+    gated = _Gated(loaded[0])
+    gated.predict_batch = lambda images: (gated.gate.wait(30), loaded[0].predict_batch(images))[1]
+    app = create_app(gated, settings=ServeSettings(max_batch=4))
+    imgs = [synthetic_image(96, 128, seed=s) for s in range(8)]
+    with background_server(app) as url:
+        results: list = [None] * 8
+
+        def go(i):
+            results[i] = httpx.post(f"{url}/predict", params={"score_thr": 0},
+                                    files={"file": ("a.png", png_bytes(imgs[i]), "image/png")}, timeout=120)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+        threads[0].start()
+        assert gated.entered.wait(30)  # the first request holds the model ...
+        for t in threads[1:]:
+            t.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").json()["queue"] < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)  # ... while the other 7 queue up behind it
+        gated.gate.set()
+        for t in threads:
+            t.join(120)
+        health = httpx.get(f"{url}/health").json()
+    assert [r.status_code for r in results] == [200] * 8
+    sizes = [r.json()["batch_size"] for r in results]
+    assert max(sizes) == 4 and health["served"] == 8 and health["batches"] < 8
+    alone = loaded[0](imgs[5])
+    got = results[5].json()["instances"]
+    assert len(got) == len(alone["scores"])
+    assert [d["score"] for d in got] == pytest.approx(sorted(alone["scores"].tolist(), reverse=True), abs=1e-3)
+
+
+def test_load_on_loopback_has_no_errors(loaded):
+    app = create_app(*loaded)
+    with background_server(app) as url:
+        stats = run_load(url, png_bytes(synthetic_image(96, 96)), requests=24, concurrency=8)
+    assert stats["errors"] == 0 and stats["ok"] == 24, json.dumps(stats)
+    assert 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p95"]
