@@ -88,7 +88,7 @@ def vote_boxes(
     cell_boxes = decode_offsets(rois, offsets)  # (N, S*S, 4)
     if not collaborative:
         return cell_boxes.mean(dim=1)
-    m = fg_conf.reshape(fg_conf.shape[0], -1).to(cell_boxes.dtype)
+    m = fg_conf.flatten(1).to(cell_boxes.dtype)
     passed = m > thresh
     w = torch.where(passed.any(dim=1, keepdim=True), m * passed, m)
     # sigmoid underflows to exactly 0 for very negative logits: fall back to equal weights there
