@@ -93,7 +93,7 @@ def run_check(ann: str | Path, images: str | Path, as_json: bool = False, deep: 
     """Print the report (text or one JSON object); 0 when there are no errors, 1 otherwise."""
     r = build_report(ann, images, deep=deep)
     if as_json:
-        print(json.dumps(r))
+        print(json.dumps(r, default=str))
     else:
         _print_text(r)
     return 1 if r["errors"] else 0
