@@ -225,3 +225,37 @@ def test_evaluate_model_wrong_class_is_penalised(tiny_dataset):
 
     m = evaluate_model(Swapped(tiny_dataset), tiny_dataset, device="cpu", verbose=False)
     assert m["segm"]["AP"] == pytest.approx(0.0)
+
+
+_DIST_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from comask.engine import dist
+from comask.data.coco import CocoDataset
+from comask.engine.evaluate import evaluate_model
+from test_evaluate import _OracleModel, _write_coco
+info = dist.init_distributed("cpu")
+root = Path({root!r}) / f"r{{info.rank}}"
+root.mkdir()
+ds = CocoDataset(_write_coco(root), root, train=False)
+m = evaluate_model(_OracleModel(ds), ds, distributed=True, out_dir=Path({root!r}) / "out", verbose=False)
+print(f"RESULT rank={{info.rank}} images={{m['num_images']}} ap={{m['segm']['AP']:.3f}}", flush=True)
+dist.cleanup(info)
+"""
+
+
+@pytest.mark.slow
+def test_evaluate_model_gathers_across_two_ranks(tmp_path):
+    """2 gloo processes each score a shard; rank 0 sees all 3 images and every rank gets the metrics."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_DIST_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    assert results == ["RESULT rank=0 images=3 ap=1.000", "RESULT rank=1 images=3 ap=1.000"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_images"] == 3
