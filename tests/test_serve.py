@@ -280,3 +280,183 @@ def test_load_on_loopback_has_no_errors(loaded):
         stats = run_load(url, png_bytes(synthetic_image(96, 96)), requests=24, concurrency=8)
     assert stats["errors"] == 0 and stats["ok"] == 24, json.dumps(stats)
     assert 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p95"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: `comask serve` in its own process, driven by headless Chromium.
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_ckpt, tmp_path_factory):
+    """`python -m comask serve` on a free loopback port; yields its URL once /health answers."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from comask.serve.loadtest import free_port
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "comask", "serve", "--weights", tiny_ckpt, "--host", "127.0.0.1",
+             "--port", str(port), "--device", "cpu"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"comask serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"comask serve did not answer /health in 120 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, -15), log_path.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    import os
+
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if missing:
+        pytest.fail(f"the browser test needs Debian's chromium and chromedriver, missing: {', '.join(missing)}; "
+                    "install them with `apt-get install -y chromium chromium-driver` (as .ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1280,900", "--force-device-scale-factor=1"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+CANVAS_SUM = "const c = document.getElementById('overlay');" \
+    "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;" \
+    "let s = 0; for (let i = 0; i < d.length; i++) s += d[i] * ((i % 7) + 1); return s;"
+
+
+def test_browser_upload_draws_overlay_and_instance_list(served, browser, tmp_path):
+    import httpx
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    img = synthetic_image(120, 160, seed=7)
+    path = tmp_path / "shapes.png"
+    path.write_bytes(png_bytes(img))
+    expected = httpx.post(f"{served}/predict", params={"score_thr": 0, "max_det": 100},
+                          files={"file": ("s.png", path.read_bytes(), "image/png")}, timeout=60).json()["instances"]
+    assert len(expected) > 2
+
+    d = browser
+    d.get(f"{served}/?score=0")
+    WebDriverWait(d, 30).until(lambda d: "classes" in d.find_element(By.ID, "model-info").text)
+    assert "comask_r50_mfpn_2x_coco" in d.find_element(By.ID, "model-info").text
+    d.find_element(By.ID, "file-input").send_keys(str(path))
+    WebDriverWait(d, 90).until(lambda d: d.execute_script("return document.body.dataset.state") in ("done", "error"))
+    assert d.execute_script("return document.body.dataset.state") == "done", d.find_element(By.ID, "error").text
+
+    # The instance list shows every instance the server found, best first.
+    rows = d.find_elements(By.CSS_SELECTOR, "#instance-rows tr")
+    assert len(rows) == len(expected)
+    assert rows[0].find_elements(By.TAG_NAME, "td")[2].text == expected[0]["class_name"]
+    canvas = d.find_element(By.ID, "overlay")
+    assert canvas.get_attribute("data-drawn") == str(len(expected))
+    assert canvas.size["width"] > 0 and canvas.size["height"] > 0
+
+    # The overlay is really drawn: the canvas changes when masks and boxes are switched off.
+    with_overlay = d.execute_script(CANVAS_SUM)
+    d.find_element(By.ID, "show-masks").click()
+    d.find_element(By.ID, "show-boxes").click()
+    plain = d.execute_script(CANVAS_SUM)
+    assert plain > 0 and plain != with_overlay
+    d.find_element(By.ID, "show-masks").click()
+    d.find_element(By.ID, "show-boxes").click()
+    assert d.execute_script(CANVAS_SUM) == with_overlay
+
+    # The page's RLE decoder agrees with pycocotools on every mask.
+    decoded = d.execute_script(
+        "return window.comask.instances.map(d => { const o = []; "
+        "d.mask.forEach((v, i) => { if (v) o.push(i); }); return [d.segmentation, o]; });")
+    assert sum(len(ix) for _, ix in decoded) > 0
+    for seg, ones in decoded:
+        ref = mask_util.decode({"size": seg["size"], "counts": seg["counts"].encode()})
+        assert ones == np.flatnonzero(ref).tolist()
+
+    # Hovering a row highlights that instance on the canvas.
+    ActionChains(d).move_to_element(rows[1]).perform()
+    WebDriverWait(d, 5).until(lambda d: canvas.get_attribute("data-highlight") == "1")
+    assert "active" in rows[1].get_attribute("class")
+    assert d.execute_script(CANVAS_SUM) != with_overlay
+    ActionChains(d).move_to_element(d.find_element(By.TAG_NAME, "h1")).perform()
+    WebDriverWait(d, 5).until(lambda d: canvas.get_attribute("data-highlight") == "")
+
+    # The score slider filters in the page, without asking the server again.
+    served_before = httpx.get(f"{served}/health").json()["served"]
+    mid = sorted(e["score"] for e in expected)[len(expected) // 2]
+    set_slider = ("const s = document.getElementById('score-slider'); s.value = arguments[0];"
+                  "s.dispatchEvent(new Event('input'));")
+    d.execute_script(set_slider, str(mid))
+    want = sum(e["score"] >= float(d.execute_script("return document.getElementById('score-slider').value"))
+               for e in expected)
+    assert 0 < want < len(expected)
+    assert canvas.get_attribute("data-drawn") == str(want)
+    assert len([r for r in rows if r.is_displayed()]) == want
+    d.execute_script(set_slider, "1")
+    assert canvas.get_attribute("data-drawn") == "0" and not any(r.is_displayed() for r in rows)
+    assert d.find_element(By.ID, "empty").is_displayed()
+    assert httpx.get(f"{served}/health").json()["served"] == served_before
+
+    severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+
+
+def test_browser_shows_server_errors(served, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    browser.get(f"{served}/")
+    browser.find_element(By.ID, "file-input").send_keys(str(bad))
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.state") == "error")
+    assert "could not decode" in browser.find_element(By.ID, "error").text
+
+
+def test_cli_serve_reports_a_missing_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "comask", "serve", "--weights", str(tmp_path / "nope.pth")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "nope.pth: checkpoint not found" in r.stderr and "Traceback" not in r.stderr

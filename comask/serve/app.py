@@ -33,7 +33,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import comask
-from comask.engine.results import encode_masks
 
 log = logging.getLogger("comask.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -195,6 +194,9 @@ def decode_image(data: bytes, settings: ServeSettings) -> np.ndarray:
 
 def instances_to_json(inst: dict[str, Any], score_thr: float, max_det: int) -> list[dict[str, Any]]:
     """Instances (numpy) -> COCO results rows (without image_id), best score first."""
+    # Imported here: it pulls in torch, and `comask serve` should reject a bad path before that.
+    from comask.engine.results import encode_masks
+
     scores = np.asarray(inst["scores"], dtype=np.float64).reshape(-1)
     order = np.argsort(-scores, kind="stable")
     order = order[scores[order] >= score_thr][:max_det]
@@ -469,11 +471,12 @@ async def _read_upload(request: Request) -> bytes:
 
 def load_predictor(weights: str | Path, device: str = "auto") -> tuple[ServePredictor, ModelInfo]:
     """Load the checkpoint once; scores are filtered per request, so the model keeps all of them."""
-    from comask.engine.predict import Predictor
     from comask.errors import CheckpointError
 
     if not Path(weights).is_file():
         raise CheckpointError(f"{weights}: checkpoint not found; pass --weights PATH to a .pth written by `comask train`")
+    from comask.engine.predict import Predictor
+
     predictor = Predictor(weights, device=device, score_thr=0.0)
     cfg = getattr(predictor, "cfg", None) or getattr(predictor, "config", None)
     info = ModelInfo(weights=str(weights), device=str(getattr(predictor, "device", device)))

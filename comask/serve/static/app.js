@@ -24,7 +24,7 @@ if (params.has("score")) {
   slider.value = String(v);
 }
 state.threshold = parseFloat(slider.value);
-el("score-value").textContent = state.threshold.toFixed(2);
+el("score-value").textContent = state.threshold.toFixed(3);
 
 function colorFor(label) {
   // Distinct hues per class via the golden angle; same class, same color.
@@ -286,7 +286,7 @@ window.addEventListener("drop", (ev) => ev.preventDefault());
 
 slider.addEventListener("input", () => {
   state.threshold = parseFloat(slider.value);
-  el("score-value").textContent = state.threshold.toFixed(2);
+  el("score-value").textContent = state.threshold.toFixed(3);
   render();
 });
 el("show-masks").addEventListener("change", render);
