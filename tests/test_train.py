@@ -1,0 +1,211 @@
+"""Training engine, in process: resume equivalence, outputs, schedule, non-finite losses, early errors.
+
+The model is torchvision's Mask R-CNN (tests/_train_helpers.py), not CoMask: the engine must
+train any torchvision-style detector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_helpers import NaNAt, state_equal, tiny_cfg, tiny_maskrcnn, write_tiny_coco  # noqa: E402
+
+from comask.config import ConfigError  # noqa: E402
+from comask.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
+from comask.engine.optim import WarmupMultiStep, build_optimizer, build_scheduler, scaled_lr  # noqa: E402
+from comask.engine.train import NonFiniteLossError, OutputDirError, train  # noqa: E402
+from comask.errors import UserError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+class SignalAt(nn.Module):
+    """Wraps a detector; raises `sig` at this process during the `at`-th training forward (None = never)."""
+
+    def __init__(self, inner: nn.Module, at: int | None):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, images, targets=None):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                signal.raise_signal(signal.SIGINT)
+        return self.inner(images, targets)
+
+
+def test_interrupted_and_resumed_run_reaches_identical_weights(data_root: Path, tmp_path: Path) -> None:
+    """6 iterations straight vs. Ctrl-C during iteration 4 (checkpoint at 4) + --resume to 6."""
+    cfg = tiny_cfg(data_root, "runtime.checkpoint_period=100", "schedule.steps=[3]")
+    straight = train(cfg, tmp_path / "a", model_factory=lambda c: SignalAt(tiny_maskrcnn(c), None))
+    assert straight["exit_code"] == 0 and straight["iter"] == 6
+
+    first = train(cfg, tmp_path / "b", model_factory=lambda c: SignalAt(tiny_maskrcnn(c), 4))
+    assert first["stop_reason"] == "SIGINT" and first["exit_code"] == 130
+    assert first["iter"] == 4 and first["final"] is None
+    assert [it for it, _ in list_checkpoints(tmp_path / "b")] == [4]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers must be restored"
+
+    resumed = train(cfg, tmp_path / "b", resume=True, model_factory=lambda c: SignalAt(tiny_maskrcnn(c), None))
+    assert resumed["exit_code"] == 0 and resumed["iter"] == 6
+
+    a = load_checkpoint(tmp_path / "a" / "model_final.pth")
+    b = load_checkpoint(tmp_path / "b" / "model_final.pth")
+    assert state_equal(a["model"], b["model"]) == []
+    # The comparison is meaningful: training moved the weights away from their initialisation.
+    init = SignalAt(tiny_maskrcnn(cfg), None).state_dict()
+    assert state_equal(init, a["model"]) != []
+    # Same losses logged at every iteration of both runs.
+    la = {r["iter"]: r["loss"] for r in _records(tmp_path / "a") if "loss" in r}
+    lb = {r["iter"]: r["loss"] for r in _records(tmp_path / "b") if "loss" in r}
+    assert la == lb and sorted(la) == [1, 2, 3, 4, 5, 6]
+    assert any(r.get("event") == "resumed" and r["iter"] == 4 for r in _records(tmp_path / "b"))
+
+
+def test_outputs_logs_and_schedule(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(data_root, "runtime.tensorboard=true", "runtime.keep_last=1", "runtime.checkpoint_period=2",
+                   "runtime.eval_period=3", "runtime.final_eval=true", "schedule.clip_grad_norm=5.0",
+                   "schedule.ims_per_batch=4", "schedule.base_batch=8", "schedule.base_lr=0.02")
+    out = tmp_path / "run"
+    res = train(cfg, out, model_factory=tiny_maskrcnn)
+    assert res["exit_code"] == 0 and res["stop_reason"] == "completed"
+    names = sorted(p.name for p in out.iterdir())
+    for f in ("config.yaml", "log.jsonl", "metrics.json", "model_best.pth", "model_final.pth", "tb"):
+        assert f in names
+    assert [it for it, _ in list_checkpoints(out)] == [6], "keep_last=1 keeps only the newest"
+    assert list((out / "tb").iterdir()), "TensorBoard event file written"
+
+    recs = _records(out)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for r in steps:
+        assert {"lr", "loss_classifier", "loss_mask", "time", "eta", "eta_seconds"} <= set(r)
+        assert math.isfinite(r["loss"])
+    # lr = 0.02 * 4 / 8 = 0.01; warm-up over 2 iterations from 0.1; x0.1 after step 4.
+    lrs = [r["lr"] for r in steps]
+    assert lrs == pytest.approx([0.001, 0.0055, 0.01, 0.01, 0.001, 0.001])
+    assert [r["iter"] for r in recs if "eval" in r] == [3, 6]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "segm" in metrics and "bbox" in metrics
+    final = load_checkpoint(out / "model_final.pth")
+    assert final["iter"] == 6
+    assert final["meta"]["cat_ids"] and len(final["meta"]["classes"]) == 3
+    assert final["config"]["schedule"]["max_iter"] == 6 and "optimizer" not in final
+    full = load_checkpoint(out / "model_0000006.pth")
+    assert {"model", "optimizer", "scheduler", "scaler", "iter", "rng", "config", "meta"} <= set(full)
+    assert full["scheduler"]["last_epoch"] == 6
+    best = load_checkpoint(out / "model_best.pth")
+    assert best["best"]["metric"] == "segm/AP"
+
+
+def test_warmup_multistep_and_linear_scaling() -> None:
+    f = WarmupMultiStep(steps=[10, 20], gamma=0.1, warmup_iters=4, warmup_factor=0.2)
+    assert [f(i) for i in (0, 2, 4, 9)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    assert [f(i) for i in (10, 19, 20, 100)] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    assert scaled_lr({"base_lr": 0.02, "ims_per_batch": 4, "base_batch": 16}) == pytest.approx(0.005)
+    with pytest.raises(ConfigError):
+        WarmupMultiStep(steps=[20, 10], gamma=0.1, warmup_iters=0, warmup_factor=1.0)
+
+
+def test_scheduler_state_resumes_through_weights_only(tmp_path: Path) -> None:
+    sched_cfg = {"base_lr": 0.1, "ims_per_batch": 2, "base_batch": 2, "momentum": 0.9, "weight_decay": 1e-4,
+                 "weight_decay_norm": 0.0, "steps": [3], "gamma": 0.5, "warmup_iters": 2, "warmup_factor": 0.5}
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    opt = build_optimizer(net, sched_cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert len(opt.param_groups[1]["params"]) == 3  # linear bias + BN weight and bias
+    sch = build_scheduler(opt, sched_cfg)
+    for _ in range(2):
+        opt.step()
+        sch.step()
+    save_checkpoint({"model": {}, "scheduler": sch.state_dict()}, tmp_path / "s.pth")
+    opt2 = build_optimizer(net, sched_cfg)
+    sch2 = build_scheduler(opt2, sched_cfg)
+    sch2.load_state_dict(load_checkpoint(tmp_path / "s.pth")["scheduler"])
+    for _ in range(3):
+        opt.step()
+        sch.step()
+        opt2.step()
+        sch2.step()
+        assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_nonfinite_loss_stops_with_clear_message(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(data_root, "runtime.checkpoint_period=3")
+    with pytest.raises(NonFiniteLossError) as e:
+        train(cfg, tmp_path / "run", model_factory=lambda c: NaNAt(tiny_maskrcnn(c), at=5))
+    msg = str(e.value)
+    assert "iteration 5" in msg and "loss_mask" in msg and "model_0000003.pth" in msg
+    assert "skip_nonfinite" in msg
+    assert [it for it, _ in list_checkpoints(tmp_path / "run")] == [3], "no checkpoint after the bad step"
+    good = load_checkpoint(tmp_path / "run" / "model_0000003.pth")
+    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_nonfinite_loss_skipped_when_asked(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(data_root, "runtime.skip_nonfinite=true", "runtime.checkpoint_period=100")
+    res = train(cfg, tmp_path / "run", model_factory=lambda c: NaNAt(tiny_maskrcnn(c), at=2))
+    assert res["exit_code"] == 0 and res["iter"] == 6 and res["nonfinite_skipped"] == 1
+    final = load_checkpoint(tmp_path / "run" / "model_final.pth")["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    events = [r for r in _records(tmp_path / "run") if r.get("event") == "nonfinite_skip"]
+    assert len(events) == 1 and events[0]["iter"] == 2 and events[0]["losses"]["loss_mask"] == "nan"
+
+
+def _never_called(cfg):
+    raise AssertionError("the model must not be built when the output directory is unusable")
+
+
+def test_unwritable_output_dir_fails_before_building(data_root: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="cannot create it") as e:
+        train(tiny_cfg(data_root), blocker / "run", model_factory=_never_called)
+    assert str(blocker / "run") in str(e.value)
+    with pytest.raises(OutputDirError, match="min_free_mb"):
+        train(tiny_cfg(data_root, "runtime.min_free_mb=1e12"), tmp_path / "full", model_factory=_never_called)
+
+
+def test_refuses_to_mix_runs_and_bad_class_count(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    save_checkpoint({"model": {}, "iter": 3}, out / "model_0000003.pth")
+    with pytest.raises(OutputDirError, match="--resume"):
+        train(tiny_cfg(data_root), out, model_factory=_never_called)
+    with pytest.raises(ConfigError, match="model.num_classes=3"):
+        train(tiny_cfg(data_root, "model.num_classes=5"), tmp_path / "other", model_factory=_never_called)
+
+
+def test_fine_tune_from_other_class_count(data_root: Path, tmp_path: Path) -> None:
+    """runtime.load_from: strict by default (clear error), load_strict=false loads what matches."""
+    other = tiny_cfg(data_root, "model.num_classes=7")
+    src = tiny_maskrcnn(other)
+    save_checkpoint({"model": src.state_dict()}, tmp_path / "src.pth")
+    cfg = tiny_cfg(data_root, f"runtime.load_from={tmp_path / 'src.pth'}", "schedule.max_iter=1")
+    with pytest.raises(UserError, match="different shapes.*box_predictor.cls_score.weight"):
+        train(cfg, tmp_path / "strict", model_factory=tiny_maskrcnn)
+    cfg = tiny_cfg(data_root, f"runtime.load_from={tmp_path / 'src.pth'}", "runtime.load_strict=false",
+                   "schedule.max_iter=1", "schedule.base_lr=0.0")
+    res = train(cfg, tmp_path / "loose", model_factory=tiny_maskrcnn)
+    got = res["model"].state_dict()
+    key = "backbone.body.layer1.0.conv1.weight"
+    assert torch.equal(got[key], src.state_dict()[key])
+    assert got["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
