@@ -13,6 +13,7 @@ from comask.modeling.backbone import LEVEL_NAMES, build_resnet_fpn
 from comask.modeling.comask import CoMask
 from comask.modeling.maskrcnn import MaskRCNN, build_maskrcnn_roi_heads
 from comask.modeling.msfem import MFPN
+from comask.modeling.roi_heads import build_comask_roi_heads
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -77,8 +78,6 @@ def build_model(cfg) -> nn.Module:
     rpn = build_rpn(cfg, backbone.out_channels)
     transform = build_transform(cfg)
     if kind == "comask":
-        from comask.modeling.roi_heads import build_comask_roi_heads
-
         return CoMask(backbone, rpn, build_comask_roi_heads(cfg, backbone.out_channels), transform)
     if kind == "maskrcnn":
         return MaskRCNN(backbone, rpn, build_maskrcnn_roi_heads(cfg, backbone.out_channels), transform)
