@@ -544,7 +544,6 @@ class CocoDataset(torch.utils.data.Dataset):
         if arr.shape[:2] != (h, w):
             raise ImageFileError(f"stored size {w}x{h} but the file is {arr.shape[1]}x{arr.shape[0]}; "
                                  "fix width/height in the JSON", "size_mismatch")
-        image = torch.from_numpy(arr).permute(2, 0, 1)
         objs = r["anns"]
         boxes = torch.tensor([o[1] for o in objs], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([o[0] for o in objs], dtype=torch.int64)
@@ -553,15 +552,20 @@ class CocoDataset(torch.utils.data.Dataset):
         if self.train:
             short = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
             out_hw = T.resize_shape(h, w, short, self.max_size)
-            image = T.resize_image(image, out_hw)
+            if out_hw != (h, w):
+                arr = T.resize_image(torch.from_numpy(arr).permute(2, 0, 1), out_hw).permute(1, 2, 0).numpy()
             boxes = T.scale_boxes(boxes, out_hw[1] / w, out_hw[0] / h)
-        masks = T.rasterize(segms, (h, w), out_hw)
-        image = image.float().div_(255.0)
+        masks = T.rasterize_np(segms, (h, w), out_hw)
         if self.train and self.flip_prob > 0 and float(torch.rand(())) < self.flip_prob:
-            image, masks = T.hflip_image(image), T.hflip_masks(masks)
+            arr, masks = arr[:, ::-1], masks[:, :, ::-1]
             boxes = T.hflip_boxes(boxes, out_hw[1])
+        # numpy for the per-pixel work: single-threaded, so it does not fight the model's torch threads
+        chw = np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+        chw *= np.float32(1.0 / 255.0)
+        image = torch.from_numpy(chw)
         if self.train and self.photometric:
             image = T.photometric_jitter(image)
+        masks = torch.from_numpy(np.ascontiguousarray(masks))
         target = {"boxes": boxes, "labels": labels, "masks": masks, "image_id": int(r["id"]),
                   "orig_size": (h, w)}
-        return image.contiguous(), target
+        return image, target

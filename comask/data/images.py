@@ -60,6 +60,9 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageFileError(f"{path}: not a regular file", "unreadable_image")
     if st.st_size == 0:
         raise ImageFileError(f"{path}: zero-byte image file (re-copy or re-download it)", "empty_file")
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        # a configured limit above the default raises PIL's own guard with it (never disables it)
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -102,9 +102,16 @@ def rasterize(
     Polygons are scaled and rasterized directly at the output size; RLEs are decoded at their own
     size and resized with nearest-neighbour sampling. Only one full-size mask exists at a time.
     """
+    return torch.from_numpy(rasterize_np(segmentations, orig_size, out_size))
+
+
+def rasterize_np(
+    segmentations: Sequence[Segmentation], orig_size: tuple[int, int], out_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """`rasterize` in numpy: single-threaded copies, which stay fast when torch threads compete for cores."""
     h, w = orig_size
     oh, ow = out_size or orig_size
-    out = torch.zeros((len(segmentations), oh, ow), dtype=torch.uint8)
+    out = np.zeros((len(segmentations), oh, ow), dtype=np.uint8)
     for i, segm in enumerate(segmentations):
         if isinstance(segm, list):
             polys = segm if (oh, ow) == (h, w) else scale_polygons(segm, ow / w, oh / h)
@@ -113,7 +120,7 @@ def rasterize(
             m = _decode(segm, h, w)
             if m.shape != (oh, ow):
                 m = _resize_nearest(m, oh, ow)
-        out[i] = torch.from_numpy(np.ascontiguousarray(m))
+        out[i] = m
     return out
 
 
