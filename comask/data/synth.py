@@ -3,15 +3,15 @@
 COCO cannot be downloaded here, so this module draws a proxy task that keeps what makes COCO hard
 for instance segmentation while staying small enough to train on two CPU cores:
 
-* 10 object classes told apart by SHAPE (circle, ellipse, square, triangle, hexagon, star, ring,
+* 10 object classes told apart by SHAPE (circle, ellipse, square, triangle, arrow, star, ring,
   cross, heart, crescent), each instance with its own colour, texture (flat, stripes, gradient,
   checker, noise), rotation and aspect jitter, so colour never identifies the class;
 * textured, cluttered backgrounds (smooth noise, gradients, stripes) with distractors that are not
   objects (irregular blobs, straight lines, thin scribbles) and sensor noise;
 * 1-20 instances per image (preset dependent), drawn mostly back-to-front by size with random
   depth swaps, so later instances partially occlude earlier ones.  The annotation is the VISIBLE
-  mask; an instance whose visible area falls below ``min_visible_area`` pixels or
-  ``min_visible_frac`` of its full area is removed from the scene entirely (not drawn), so no
+  mask; an instance whose visible area falls below ``MIN_VISIBLE_AREA`` pixels or
+  ``MIN_VISIBLE_FRAC`` of its full area is removed from the scene entirely (not drawn), so no
   unannotated fragments remain in the image;
 * object diameters drawn log-uniformly, so every split fills COCO's small (< 32^2 px), medium and
   large (> 96^2 px) area ranges; ``write_dataset`` prints and returns the counts.
@@ -57,7 +57,7 @@ CLASSES: tuple[str, ...] = (
     "ellipse",
     "square",
     "triangle",
-    "hexagon",
+    "arrow",
     "star",
     "ring",
     "cross",
@@ -160,8 +160,11 @@ def _shape_mask(name: str, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray
         return np.maximum(np.abs(u), np.abs(v)) <= 0.7071
     if name == "triangle":
         return _regular_polygon(u, v, 3, math.pi / 2 - math.pi / 3)
-    if name == "hexagon":
-        return _regular_polygon(u, v, 6, 0.0)
+    if name == "arrow":
+        w = 0.14 + 0.08 * p
+        shaft = (u >= -0.9) & (u <= 0.15) & (np.abs(v) <= w)
+        head = (u >= 0.1) & (np.abs(v) <= 0.6 * (0.95 - u) / 0.85)
+        return shaft | head
     if name == "star":
         return _star(u, v, inner=0.38 + 0.12 * p)
     if name == "ring":
