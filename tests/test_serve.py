@@ -176,6 +176,7 @@ def test_health_and_metadata(client):
     for asset in ("app.js", "rle.js", "style.css"):
         assert client.get(f"/static/{asset}").status_code == 200
     assert client.get("/missing").json() == {"error": "Not Found"}
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
 
 
 class _Exploding:

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -354,7 +355,9 @@ def create_app(predictor: ServePredictor, info: ModelInfo | None = None,
     worker = InferenceWorker(predictor, settings.max_queue, settings.max_batch)
     started = time.time()
 
-    app = FastAPI(title="CoMask inference", version=comask.__version__, docs_url="/docs", redoc_url=None)
+    # No /docs: Swagger UI comes from a CDN, which the page's policy (and offline machines) forbid;
+    # the schema itself is at /openapi.json.
+    app = FastAPI(title="CoMask inference", version=comask.__version__, docs_url=None, redoc_url=None)
     app.state.worker = worker
     app.state.settings = settings
     app.router.on_shutdown.append(worker.close)
@@ -422,9 +425,11 @@ def create_app(predictor: ServePredictor, info: ModelInfo | None = None,
         k = min(settings.default_max_det if max_det is None else max_det, settings.max_det_limit)
         data = await _read_upload(request)
         t0 = time.perf_counter()
-        image = decode_image(data, settings)
+        # Decoding and RLE encoding take a thread-pool thread, so they overlap with the model's
+        # work and never stall the event loop (a 40-megapixel decode takes a while).
+        image = await run_in_threadpool(decode_image, data, settings)
         inst, infer_ms, batch_size = await worker.run(image)
-        rows = instances_to_json(inst, thr, k)
+        rows = await run_in_threadpool(instances_to_json, inst, thr, k)
         return {
             "instances": rows,
             "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     src.add_argument("--weights", help="checkpoint: start a server on a free loopback port first")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch", type=int, default=None, help="with --weights: micro-batch size of the server")
     p.add_argument("-n", "--requests", type=int, default=200)
     p.add_argument("-c", "--concurrency", type=int, default=8)
     p.add_argument("--image", default=None, help="image file to send (default: a synthetic PNG)")
@@ -181,17 +182,21 @@ def main(argv: list[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         if a.weights:
-            from comask.serve.app import create_app, load_predictor
+            from comask.serve.app import ServeSettings, create_app, load_predictor
 
             predictor, info = load_predictor(a.weights, a.device)
-            url = stack.enter_context(background_server(create_app(predictor, info)))
+            settings = ServeSettings()
+            if a.max_batch is not None:
+                settings.max_batch = a.max_batch
+            url = stack.enter_context(background_server(create_app(predictor, info, settings)))
         else:
             url = a.url.rstrip("/")
         import httpx
 
         meta = httpx.get(f"{url}/metadata", timeout=30).json()
         stats = run_load(url, image, a.requests, a.concurrency, a.score_thr)
-    stats.update({"image": desc, "url": url, "model": meta.get("config"), "device": meta.get("device")})
+    stats.update({"image": desc, "url": url, "model": meta.get("config"), "device": meta.get("device"),
+                  "max_batch": a.max_batch})
     if a.json:
         print(json.dumps(stats))
     else:

@@ -91,7 +91,8 @@ function fitCanvas() {
   if (!state.image) return;
   const stage = el("stage");
   const avail = Math.max(200, stage.clientWidth - 2);
-  const maxH = Math.max(240, window.innerHeight * 0.78);
+  // Fit below the controls, so the whole image is visible without scrolling.
+  const maxH = Math.max(240, window.innerHeight - stage.getBoundingClientRect().top - 16);
   const scale = Math.min(avail / state.width, maxH / state.height, 4);
   const cssW = Math.round(state.width * scale), cssH = Math.round(state.height * scale);
   const dpr = window.devicePixelRatio || 1;
