@@ -21,6 +21,13 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pycocotools' decode triggers a numpy-2 DeprecationWarning on every call; it says nothing about our code
+    config.addinivalue_line(
+        "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+    )
+
+
 @dataclass
 class Coco128:
     ann: Path

@@ -420,6 +420,11 @@ class CocoDataset(torch.utils.data.Dataset):
     Extra keyword arguments beyond the design contract: `check_files` reads every image header (and
     JPEG/PNG end markers) up front, so bad files are found before training starts and counted in the
     main process; `max_pixels` is the refuse-above limit of `comask.data.images`.
+
+    `skipped` counts skipped/dropped entries by reason and `skipped_items` lists (where, reason).
+    Files that pass the header check but fail to decode are found while loading: with skip_bad the
+    next image stands in and the skip is logged; inside DataLoader workers those counts stay in the
+    worker (the log line is what reaches the user), so `check_files=True` is what makes counts exact.
     """
 
     def __init__(
