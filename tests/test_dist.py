@@ -47,7 +47,7 @@ WORKER = textwrap.dedent(
     import hashlib, torch
     h = hashlib.sha256()
     for k, v in sorted(res["model"].state_dict().items()):
-        h.update(k.encode()); h.update(v.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(k.encode()); h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     Path(sys.argv[1], "rank%s.txt" % __import__("os").environ["RANK"]).write_text(h.hexdigest())
     sys.exit(res["exit_code"])
     """

@@ -96,6 +96,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (e.g. BatchNorm running statistics) to every rank.
+
+    DDP syncs buffers at the start of each forward only, so after the last step each rank holds the
+    statistics of its own last batch; evaluation and the saved model must all use rank 0's.
+    """
+    if not is_dist() or get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=src)
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Element-wise max over ranks, in place (used so all ranks take the same stop/skip decision)."""
     if is_dist() and get_world_size() > 1:

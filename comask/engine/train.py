@@ -292,7 +292,7 @@ def _param_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(_unwrap(model).state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -487,6 +487,8 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             return None
         from comask.engine.evaluate import evaluate_model
 
+        if world > 1:
+            dist.broadcast_buffers(model)
         with preserved_rng():
             metrics = evaluate_model(
                 model, val_ds, device=device, distributed=world > 1,
@@ -605,6 +607,8 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                 run_eval(it, final=False)
 
         if result["stop_reason"] in ("completed", "time_limit"):
+            if world > 1:
+                dist.broadcast_buffers(model)
             if is_main:
                 final = save_checkpoint(_weights_checkpoint(model, cfg, meta, it), out / "model_final.pth")
                 result["final"] = str(final)
