@@ -229,3 +229,20 @@ def test_baseline_is_torchvision_mask_rcnn_layout():
     cs = comask.state_dict()
     assert all(cs[k].shape == a[k].shape for k in shared)
     assert len(comask.backbone.msfem) == 5 and len(comask.backbone.msfem["p2"].down) == 3
+
+
+def test_shapes_bench_pair_differs_only_in_method():
+    from comask.data.synth import PRESETS
+
+    a = load_config("comask_r18_mfpn_shapes").to_dict()
+    b = load_config("maskrcnn_r18_fpn_shapes").to_dict()
+    assert a["model"]["num_classes"] == len(PRESETS["shapes-bench"]["classes"])
+    assert (a["model"]["type"], b["model"]["type"]) == ("comask", "maskrcnn")
+    assert (a["model"]["msfem"]["branches"], b["model"]["msfem"]["branches"]) == (4, 0)
+    for cfg in (a, b):
+        cfg["model"].pop("type")
+        cfg["model"]["msfem"].pop("branches")
+        cfg.pop("name")
+    assert a == b  # backbone, FPN, RPN, sampling, heads' widths, test knobs, data, schedule, runtime
+    assert a["model"]["backbone"] == {"depth": 18, "norm": "bn", "frozen_stages": 0, "weights": None}
+    assert a["schedule"]["ims_per_batch"] == 8
