@@ -203,3 +203,26 @@ def test_eval_checkpoint_cli(ckpt, tmp_path, capsys):
                    f"data.val.ann={ann}", f"data.val.images={tmp_path}", "data.num_workers=0"])
     assert rc == 2
     assert "category ids" in capsys.readouterr().err
+
+
+def test_model_failure_on_one_image_skips_only_that_image(tmp_path, capsys):
+    """A batch the model cannot run is retried image by image; only the failing image is skipped."""
+    calls = []
+
+    def backend(images):
+        calls.append(len(images))
+        if any(im.shape[-1] == 7 for im in images):
+            raise RuntimeError("Input and output sizes should be greater than 0")
+        return [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([2]),
+                 "scores": torch.tensor([0.9]), "masks": torch.ones(1, 1, *im.shape[-2:])} for im in images]
+
+    pred = Predictor(backend=backend, classes=CLASSES, cat_ids=CAT_IDS)
+    for name, w in [("a", 20), ("b", 7), ("c", 20)]:
+        Image.fromarray(_img(10, w)).save(tmp_path / f"{name}.png")
+    rc = predict_paths([tmp_path], tmp_path / "out", predictor=pred, batch_size=3)
+    assert rc == 1
+    assert calls == [3, 1, 1, 1]
+    assert "b.png" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [Path(r["file_name"]).name for r in rows] == ["a.png", "c.png"]
+    assert [r["category_id"] for r in rows] == [7, 7] and rows[0]["category_name"] == "box"

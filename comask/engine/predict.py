@@ -50,7 +50,7 @@ class TorchBackend:
 def load_onnx_backend(path: str | Path, device: str = "cpu") -> Backend:
     """Seam for the ONNX Runtime backend (issue 6): must return a `Backend` for an exported model."""
     try:
-        from comask.export.runtime import OnnxBackend  # type: ignore[import-not-found]
+        from comask.export.ort import OnnxBackend
     except ImportError:
         raise UserError(f"{path}: ONNX backend not available in this version; use --weights with a .pth checkpoint") from None
     return OnnxBackend(path, device=device)
@@ -92,7 +92,9 @@ def load_model(weights: str | Path, config: str | Path | None = None, opts: list
         cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), opts))
     else:
         raise CheckpointError(f"{weights}: checkpoint stores no config (a bare state_dict?); pass --config")
-    model = build_model(cfg)
+    # pretrained=False: the checkpoint replaces every tensor, and the files named by model.backbone.weights /
+    # model.init_from need not exist where a trained model is used
+    model = build_model(cfg, pretrained=False)
     load_model_weights(model, ckpt["model"], strict=True, source=str(weights))
     meta = ckpt.get("meta") or {}
     n = int(cfg.model.num_classes)
@@ -319,6 +321,20 @@ def _read_batches(files: Sequence[Path], batch_size: int,
         yield batch
 
 
+def _run_isolated(predictor: Predictor, batch: list[tuple[Path, np.ndarray]],
+                  on_bad: Callable[[Path, str], None]) -> list[tuple[tuple[Path, np.ndarray], dict]]:
+    """Run a batch; if the model fails on it, retry image by image so one odd image (e.g. a 2x300 strip
+    the model's resize cannot handle) is reported and skipped instead of ending the run."""
+    try:
+        return list(zip(batch, predictor._run([a for _, a in batch])))
+    except (RuntimeError, ValueError) as e:
+        if len(batch) == 1:
+            path, arr = batch[0]
+            on_bad(path, f"model failed on this {arr.shape[1]}x{arr.shape[0]} image ({str(e).splitlines()[0]})")
+            return []
+    return [r for item in batch for r in _run_isolated(predictor, [item], on_bad)]
+
+
 def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | Path | None = None,
                   config: str | Path | None = None, onnx: str | Path | None = None, score_thr: float = 0.5,
                   device: str = "auto", batch_size: int = 2, *, predictor: Predictor | None = None,
@@ -355,8 +371,7 @@ def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | 
     t0 = time.perf_counter()
     try:
         for batch in _read_batches(files, batch_size, on_bad):
-            results = predictor._run([a for _, a in batch])
-            for (path, arr), inst in zip(batch, results):
+            for (path, arr), inst in _run_isolated(predictor, batch, on_bad):
                 done += 1
                 name = names.take(path)
                 writer.write(instances_to_rows(inst, done, {"file_name": str(path)}))
