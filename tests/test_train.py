@@ -21,7 +21,13 @@ from _train_helpers import NaNAt, state_equal, tiny_cfg, tiny_maskrcnn, write_ti
 
 from comask.config import ConfigError  # noqa: E402
 from comask.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
-from comask.engine.optim import WarmupMultiStep, build_optimizer, build_scheduler, scaled_lr  # noqa: E402
+from comask.engine.optim import (  # noqa: E402
+    WarmupMultiStep,
+    apply_schedule,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+)  # noqa: E402
 from comask.engine.train import NonFiniteLossError, OutputDirError, train  # noqa: E402
 from comask.errors import UserError  # noqa: E402
 
@@ -146,6 +152,17 @@ def test_scheduler_state_resumes_through_weights_only(tmp_path: Path) -> None:
         sch2.step()
         assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    # Extending a run with a new schedule: the restored iteration count, the config's LR and steps.
+    longer = {**sched_cfg, "base_lr": 0.2, "steps": [10]}
+    apply_schedule(opt2, sch2, longer)
+    assert sch2.last_epoch == 5 and opt2.param_groups[0]["lr"] == pytest.approx(0.2)
+    opt2.step()
+    sch2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.2)
+    sch2.last_epoch = 9
+    opt2.step()
+    sch2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
 def test_nonfinite_loss_stops_with_clear_message(data_root: Path, tmp_path: Path) -> None:

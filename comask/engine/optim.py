@@ -82,12 +82,31 @@ def build_optimizer(model: nn.Module, schedule: Mapping[str, Any]) -> torch.opti
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration LambdaLR: call `.step()` once after every optimizer step."""
-    fn = WarmupMultiStep(
+def _schedule_fn(schedule: Mapping[str, Any]) -> WarmupMultiStep:
+    return WarmupMultiStep(
         steps=schedule.get("steps") or [],
         gamma=schedule.get("gamma", 0.1),
         warmup_iters=schedule.get("warmup_iters", 0) or 0,
         warmup_factor=schedule.get("warmup_factor", 1.0),
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration LambdaLR: call `.step()` once after every optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_fn(schedule))
+
+
+def apply_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, schedule: Mapping[str, Any]
+) -> None:
+    """After restoring a checkpoint's scheduler state: keep its iteration count but take the LR,
+    warm-up and steps from `schedule` (the current config), so extending a finished run with a
+    new max_iter/steps/base_lr does what the config says. A no-op for an unchanged config."""
+    fn = _schedule_fn(schedule)
+    base = scaled_lr(schedule)
+    scheduler.lr_lambdas = [fn for _ in optimizer.param_groups]
+    scheduler.base_lrs = [base for _ in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["initial_lr"] = base
+        g["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -51,7 +51,7 @@ from comask.engine.checkpoint import (
     save_checkpoint,
 )
 from comask.engine.logging import TrainLogger, setup_console_logging
-from comask.engine.optim import build_optimizer, build_scheduler, scaled_lr
+from comask.engine.optim import apply_schedule, build_optimizer, build_scheduler, scaled_lr
 from comask.errors import CheckpointError, UserError
 
 log = logging.getLogger("comask.train")
@@ -417,6 +417,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
+            apply_schedule(optimizer, scheduler, sched)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"{resume_path}: cannot restore the optimizer/scheduler state ({e}); it was written by another "
