@@ -13,6 +13,7 @@ from comask.modeling.backbone import LEVEL_NAMES, build_resnet_fpn
 from comask.modeling.comask import CoMask
 from comask.modeling.maskrcnn import MaskRCNN, build_maskrcnn_roi_heads
 from comask.modeling.msfem import MFPN
+from comask.modeling.pretrained import apply_pretrained
 from comask.modeling.roi_heads import build_comask_roi_heads
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -27,7 +28,6 @@ def build_backbone(cfg) -> nn.Module:
         out_channels=m.fpn.channels,
         norm=m.backbone.norm,
         frozen_stages=m.backbone.frozen_stages,
-        weights=m.backbone.get("weights"),
     )
     if m.msfem.branches == 0:
         return fpn
@@ -71,14 +71,23 @@ def build_transform(cfg) -> GeneralizedRCNNTransform:
     )
 
 
-def build_model(cfg) -> nn.Module:
-    """CoMask (`model.type: comask`) or the Mask R-CNN baseline (`maskrcnn`)."""
+def build_model(cfg, *, pretrained: bool = True) -> nn.Module:
+    """CoMask (`model.type: comask`) or the Mask R-CNN baseline (`maskrcnn`).
+
+    pretrained: load `model.backbone.weights` / `model.init_from` (comask.modeling.pretrained), logging
+    what was loaded. Code that loads a full checkpoint right after passes False, so a config that names
+    such files still builds where they are absent.
+    """
     kind = cfg.model.type
     backbone = build_backbone(cfg)
     rpn = build_rpn(cfg, backbone.out_channels)
     transform = build_transform(cfg)
     if kind == "comask":
-        return CoMask(backbone, rpn, build_comask_roi_heads(cfg, backbone.out_channels), transform)
-    if kind == "maskrcnn":
-        return MaskRCNN(backbone, rpn, build_maskrcnn_roi_heads(cfg, backbone.out_channels), transform)
-    raise ConfigError(f"model.type must be 'comask' or 'maskrcnn', got {kind!r}")
+        model = CoMask(backbone, rpn, build_comask_roi_heads(cfg, backbone.out_channels), transform)
+    elif kind == "maskrcnn":
+        model = MaskRCNN(backbone, rpn, build_maskrcnn_roi_heads(cfg, backbone.out_channels), transform)
+    else:
+        raise ConfigError(f"model.type must be 'comask' or 'maskrcnn', got {kind!r}")
+    if pretrained:
+        apply_pretrained(model, cfg)
+    return model

@@ -97,4 +97,11 @@ class CollaborativeHead(nn.Module):
 
 def fg_confidence(mask_logits: Tensor, grid: int = 7) -> Tensor:
     """M_s: sigmoid of a (N, 1, 28, 28) mask, average-pooled to (N, 1, grid, grid)."""
-    return F.adaptive_avg_pool2d(mask_logits.sigmoid(), grid)
+    p = mask_logits.sigmoid()
+    n, c, h, w = p.shape
+    if not torch.jit.is_tracing() and (h % grid or w % grid):
+        return F.adaptive_avg_pool2d(p, grid)
+    # The same average as adaptive pooling when the size is a multiple of the grid (28 = 4 x 7), written
+    # as reshape + mean because the ONNX exporter cannot export adaptive pooling of a map whose traced
+    # size it does not know (export: issue 6).
+    return p.reshape(n, c, grid, h // grid, grid, w // grid).mean(dim=(3, 5))

@@ -137,8 +137,11 @@ class CoMaskRoIHeads(nn.Module):
         counts = [b.shape[0] for b in boxes]
         rois = torch.cat(boxes)
         cls = torch.cat(labels)
+        # torch.stack, not torch.tensor: while tracing for ONNX export the sizes are 0-d tensors, and
+        # torch.tensor would freeze them at the example image's size (wrong clipping at other sizes).
         hw = torch.cat(
-            [torch.tensor(s, device=rois.device).expand(n, 2) for s, n in zip(image_shapes, counts)]
+            [torch.stack([torch.as_tensor(h), torch.as_tensor(w)]).to(rois.device).expand(n, 2)
+             for (h, w), n in zip(image_shapes, counts)]
         ).reshape(-1, 2)
         head = self.collab_head
         feat = head.features(self.collab_pooler(features, boxes, image_shapes))

@@ -1,0 +1,78 @@
+"""Shared by the exporters: the traceable inference module, input sizes, metadata.
+
+Both exporters trace one module: one float (3, H, W) image in [0, 1] -> (boxes (N, 4) xyxy, labels (N,)
+int64, scores (N,), masks (N, 1, H, W) probabilities), all in the input image's pixels. It is the
+detector itself (normalisation, test-time resize, RPN, RoI heads, the collaborative head's second
+pass, mask pasting) with the list-of-dicts interface unpacked, so an exported graph needs no Python
+pre- or post-processing beyond what `comask.engine.predict` does for the PyTorch model too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from comask.errors import UserError
+
+OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
+INPUT_NAME = "image"
+
+
+class InferenceModule(nn.Module):
+    """A torchvision-style detection model with a tensor-in, tuple-out signature (tracing needs one)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out = self.model([image])[0]
+        return out["boxes"], out["labels"], out["scores"], out["masks"]
+
+
+def parse_size(size: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'HxW' (or (H, W)) -> (H, W); None stays None. UserError on anything else."""
+    if size is None:
+        return None
+    if isinstance(size, (tuple, list)):
+        h, w = (int(v) for v in size)
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(size))
+        if not m:
+            raise UserError(f"--size must be HxW in pixels, e.g. 512x512; got {size!r}")
+        h, w = int(m.group(1)), int(m.group(2))
+    if not (16 <= h <= 8192 and 16 <= w <= 8192):
+        raise UserError(f"--size {h}x{w}: height and width must be within 16..8192 pixels")
+    return h, w
+
+
+def default_size(cfg: Any) -> tuple[int, int]:
+    """The config's test size: shorter side `input.min_size_test`, longer side `input.max_size_test`,
+    as a landscape HxW (what the model's own resize produces for a wide image)."""
+    lo, hi = int(cfg.input.min_size_test), int(cfg.input.max_size_test)
+    return min(lo, hi), max(lo, hi)
+
+
+def example_image(size: tuple[int, int], seed: int = 0) -> Tensor:
+    """A deterministic textured image to trace with (values only steer which branches print warnings;
+    the traced graph does not depend on them, data-dependent sizes stay dynamic)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    return torch.rand(3, h, w, generator=g)
+
+
+def metadata(classes: list[str], cat_ids: list[int], cfg: Any, size: tuple[int, int] | None,
+             weights: str) -> dict[str, str]:
+    """String key/values stored in the exported file: what the runtime backend needs to label outputs."""
+    return {
+        "comask.classes": json.dumps(list(classes)),
+        "comask.cat_ids": json.dumps([int(c) for c in cat_ids]),
+        "comask.model_type": str(cfg.model.type),
+        "comask.input": "dynamic" if size is None else f"{size[0]}x{size[1]}",
+        "comask.weights": str(weights),
+        "comask.score_thresh": str(float(cfg.model.test.score_thresh)),
+    }
