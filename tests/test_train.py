@@ -226,3 +226,14 @@ def test_fine_tune_from_other_class_count(data_root: Path, tmp_path: Path) -> No
     key = "backbone.body.layer1.0.conv1.weight"
     assert torch.equal(got[key], src.state_dict()[key])
     assert got["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
+
+
+def test_time_budget_ends_training_like_max_iter(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(data_root, "schedule.max_iter=1000", "runtime.max_minutes=0.0001", "runtime.checkpoint_period=500")
+    res = train(cfg, tmp_path / "run", model_factory=tiny_maskrcnn)
+    assert res["stop_reason"] == "time_limit" and res["exit_code"] == 0
+    assert res["iter"] == 1, "the budget is checked after every step"
+    assert load_checkpoint(tmp_path / "run" / "model_final.pth")["iter"] == 1
+    assert [it for it, _ in list_checkpoints(tmp_path / "run")] == [1]
+    done = [r for r in _records(tmp_path / "run") if r.get("event") == "done"]
+    assert done and done[0]["stop_reason"] == "time_limit"

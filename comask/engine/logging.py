@@ -32,6 +32,8 @@ def setup_console_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("comask")
     if any(getattr(h, "_comask_console", False) for h in root.handlers):
         return
+    if logging.getLogger().handlers:
+        return  # the application (or pytest) configured logging: leave it alone
 
     class _TqdmHandler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -47,7 +49,6 @@ def setup_console_logging(level: int = logging.INFO) -> None:
     h.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
     root.addHandler(h)
     root.setLevel(level)
-    root.propagate = False
 
 
 class TrainLogger:

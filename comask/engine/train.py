@@ -465,7 +465,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
     result: dict[str, Any] = {
         "out_dir": str(out), "iter": start_iter, "max_iter": max_iter, "stop_reason": "completed",
         "checkpoint": str(resume_path) if resume_path else None, "final": None, "best": None,
-        "metrics": None, "nonfinite_skipped": 0,
+        "metrics": None, "nonfinite_skipped": 0, "skipped_data": {},
     }
     best_score = _read_best_score(out) if is_main else None
 
@@ -560,8 +560,6 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                 if is_main:
                     log.warning("iteration %d: non-finite loss (%s), step skipped (%d so far)",
                                 it + 1, bad, result["nonfinite_skipped"])
-                if amp_dtype == torch.float16:
-                    scaler.update()
             else:
                 if clip is not None:
                     scaler.unscale_(optimizer)
@@ -607,6 +605,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             if eval_period and it % eval_period == 0:
                 run_eval(it, final=False)
 
+        result["skipped_data"] = dict(getattr(train_ds, "skipped", {}) or {})
         if result["stop_reason"] in ("completed", "time_limit"):
             if world > 1:
                 dist.broadcast_buffers(model)
@@ -623,11 +622,14 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                 result["metrics"] = run_eval(it, final=True)
             if is_main:
                 logger.event(it, "done", stop_reason=result["stop_reason"], seconds=time.monotonic() - t_start,
-                             nonfinite_skipped=result["nonfinite_skipped"])
+                             nonfinite_skipped=result["nonfinite_skipped"], skipped_data=result["skipped_data"])
     finally:
         stop.restore()
         logger.close()
 
+    result["skipped_data"] = dict(getattr(train_ds, "skipped", {}) or {})
+    if is_main and result["skipped_data"]:
+        log.warning("skipped bad training data (data.skip_bad): %s", result["skipped_data"])
     result["exit_code"] = EXIT_CODES[result["stop_reason"]]
     result["model"] = model
     return result
