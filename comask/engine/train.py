@@ -399,6 +399,12 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
     ckpt = None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, map_location="cpu")
+        old_ids = (ckpt.get("meta") or {}).get("cat_ids")
+        if old_ids and [int(c) for c in old_ids] != meta["cat_ids"]:
+            raise CheckpointError(
+                f"{resume_path}: trained on category ids {list(old_ids)} but {cfg.data.train.ann} has "
+                f"{meta['cat_ids']}; resume with the same data set, or start a new run with runtime.load_from"
+            )
         load_model_weights(model, ckpt["model"], strict=True, source=str(resume_path))
         _warn_config_drift(cfg, ckpt, resume_path)
     elif rt.load_from:
@@ -576,11 +582,12 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             logger.iter_time(time.perf_counter() - t0)
             logger.advance()
 
-            if it % log_period == 0 or it == max_iter or reason is not None:
+            # An all-skipped window has nothing to report (the same on every rank: the skip is agreed).
+            if (it % log_period == 0 or it == max_iter or reason is not None) and window:
                 keys = sorted(window)
                 local = torch.tensor([float(np.mean(window[k])) if window[k] else 0.0 for k in keys],
                                      dtype=torch.float64)
-                if keys and world > 1:
+                if world > 1:
                     local = dist.all_reduce_mean(local.to(device) if info.backend == "nccl" else local).cpu()
                 logger.step(it, lr=lr, losses={k: float(v) for k, v in zip(keys, local.cpu().tolist())},
                             data_time=t_data)
@@ -627,7 +634,6 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         stop.restore()
         logger.close()
 
-    result["skipped_data"] = dict(getattr(train_ds, "skipped", {}) or {})
     if is_main and result["skipped_data"]:
         log.warning("skipped bad training data (data.skip_bad): %s", result["skipped_data"])
     result["exit_code"] = EXIT_CODES[result["stop_reason"]]
