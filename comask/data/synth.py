@@ -71,19 +71,24 @@ def category_id(name: str) -> int:
     return 2 * CLASSES.index(name) + 1
 
 
-# The standard splits, defined here and nowhere else.
+# The standard splits, defined here and nowhere else.  Generator knobs: `classes` (names from
+# CLASSES), `instances` [min, max] drawn per image (before occlusion drops some), `area` [lo, hi]
+# log-uniform object areas as fractions of size^2, `large_prob` the chance that an image also holds
+# one object with area in `large_area` (fractions of size^2; one at most, two would bury each other),
+# `aspect_ratios` image width/height choices (the shorter side is always `size`).
 #
 # shapes-bench (issue 4's benchmark): shorter side 160 px.  ENVIRONMENT.md measured 128-192 px as
 #   the practical range for CPU training and that 192 -> 128 px saves only ~1.36x per iteration,
-#   while COCO's "large" range needs visible objects > 96^2 px, which leaves room for only one such
-#   object in a 128 px image; 160 px keeps all three ranges populated with normal scenes.  All 10
-#   classes, 1-20 instances (COCO averages ~7 per image; we average ~9 visible).  2000 training
-#   images are more than a 2-core budget of a few thousand image-iterations can consume without
-#   repeating much; 200 validation images hold ~1800 instances (a few hundred per area range),
-#   enough for stable AP, and evaluate in about a minute on the CPU.
-# demo (`comask demo`, 15 minutes on 2 cores): same generator with clutter and occlusion, but 128 px
-#   square images, 4 classes (circle, triangle, star, ring: convex, spiky and holed shapes), 1-10
-#   instances and a higher minimum object size, so that a CPU model reaches good masks quickly.
+#   while COCO's "large" range needs VISIBLE objects > 96^2 px = 36% of a 160^2 image (56% of 128^2,
+#   where only a few shapes can reach it); 160 px keeps all three ranges populated with normal
+#   scenes.  All 10 classes, 1-20 instances (about 10 visible per image; COCO has ~7).  2000
+#   training images are more than a 2-core budget of a few thousand image-iterations consumes;
+#   200 validation images hold ~2000 instances (1109 small, 723 medium, 138 large), enough for
+#   stable AP / APs / APm / APl, and evaluate in about a minute on the CPU.
+# demo (`comask demo`, 15 minutes on 2 cores): same generator, clutter and occlusion on, but 128 px
+#   square images, 4 classes (circle, triangle, star, ring: round, angular, spiky and holed), 1-10
+#   instances and a higher minimum object area (0.02 * 128^2 = 328 px), so that a small CPU model can
+#   reach good masks within the budget.
 PRESETS: dict[str, dict[str, Any]] = {
     "shapes-bench": {
         "num_train": 2000,
