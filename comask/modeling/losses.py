@@ -37,10 +37,11 @@ def offset_loss(pred: Tensor, target: Tensor, mask_targets: Tensor, thresh: floa
     RoI units give the same IoU as pixels); mask_targets: (N, 1, M, M) with M a multiple of S.
     """
     grid = pred.shape[-1]
-    w = F.adaptive_avg_pool2d(mask_targets, grid).reshape(-1)
+    w = F.adaptive_avg_pool2d(mask_targets.float(), grid).reshape(-1)
     w = w * (w > thresh)
-    p = pred.permute(0, 2, 3, 1).reshape(-1, 4)
-    t = target.permute(0, 2, 3, 1).reshape(-1, 4).to(p.dtype)
+    # float32 even under autocast: the IoU of thin boxes and its log are not safe in half precision
+    p = pred.float().permute(0, 2, 3, 1).reshape(-1, 4)
+    t = target.float().permute(0, 2, 3, 1).reshape(-1, 4)
     loss = -torch.log(offset_iou(p, t).clamp(min=_EPS))
     # Per cell, not broadcast per RoI: each cell's loss is multiplied by its own weight.
     return (loss * w).sum() / w.sum().clamp(min=_EPS)

@@ -140,8 +140,10 @@ class CoMaskRoIHeads(nn.Module):
         # torch.stack, not torch.tensor: while tracing for ONNX export the sizes are 0-d tensors, and
         # torch.tensor would freeze them at the example image's size (wrong clipping at other sizes).
         hw = torch.cat(
-            [torch.stack([torch.as_tensor(h), torch.as_tensor(w)]).to(rois.device).expand(n, 2)
-             for (h, w), n in zip(image_shapes, counts)]
+            [
+                torch.stack([torch.as_tensor(h), torch.as_tensor(w)]).to(rois.device).expand(n, 2)
+                for (h, w), n in zip(image_shapes, counts)
+            ]
         ).reshape(-1, 2)
         head = self.collab_head
         feat = head.features(self.collab_pooler(features, boxes, image_shapes))
