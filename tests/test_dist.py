@@ -54,6 +54,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_run(tmp_path: Path) -> None:
     root = write_tiny_coco(tmp_path / "data")
     script = tmp_path / "ddp_worker.py"

@@ -47,6 +47,7 @@ def test_cli_reports_unusable_output_dir_in_one_line(tmp_path: Path, capsys: pyt
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_comask_cli(tmp_path: Path) -> None:
     root = write_tiny_coco(tmp_path / "data")
     cfg, opts = _tiny_comask_config(tmp_path, root)

@@ -68,6 +68,7 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_143(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = _start(tmp_path, data_root, out, False, "schedule.max_iter=10000", "runtime.checkpoint_period=10000")
@@ -88,6 +89,7 @@ def test_sigterm_checkpoints_and_exits_143(data_root: Path, tmp_path: Path) -> N
     assert not (out / "model_final.pth").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_loses_at_most_one_period_and_resumes(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     # A checkpoint after every step so the kill has a good chance of landing inside a write.
