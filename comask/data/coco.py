@@ -41,6 +41,10 @@ log = logging.getLogger("comask.data")
 DEGENERATE_KINDS = frozenset(
     {"zero_size_box", "negative_box", "box_outside_image", "degenerate_polygon", "nan_coordinates"}
 )
+# ImageFileError kinds a file can show only when decoded (or after the start-up scan): index + 1 is
+# the code stored per record in CocoDataset._lazy_bad.
+_LAZY_KINDS = ("corrupt_image", "truncated_image", "size_mismatch", "missing_file", "empty_file",
+               "not_an_image", "unreadable_image", "image_too_large")
 BOX_TOLERANCE = 1.0  # pixels a box may extend beyond the image (float rounding in COCO) unreported
 
 
@@ -423,8 +427,9 @@ class CocoDataset(torch.utils.data.Dataset):
 
     `skipped` counts skipped/dropped entries by reason and `skipped_items` lists (where, reason).
     Files that pass the header check but fail to decode are found while loading: with skip_bad the
-    next image stands in and the skip is logged; inside DataLoader workers those counts stay in the
-    worker (the log line is what reaches the user), so `check_files=True` is what makes counts exact.
+    next image stands in, the skip is logged once and the image is flagged in a shared-memory
+    tensor, so an image found bad inside a DataLoader worker is counted (once, however often it is
+    drawn) in the main process's `skipped` too, and is not decoded again.
     """
 
     def __init__(
@@ -451,8 +456,8 @@ class CocoDataset(torch.utils.data.Dataset):
         self.keep_empty = keep_empty
         self.skip_bad = skip_bad
         self.max_pixels = max_pixels
-        self.skipped: Counter[str] = Counter()
-        self.skipped_items: list[tuple[str, str]] = []
+        self._scan_skipped: Counter[str] = Counter()
+        self._scan_skipped_items: list[tuple[str, str]] = []
 
         data = load_coco_json(self.ann_file)
         scan = scan_coco(data, self.image_dir, check_files=check_files, max_pixels=max_pixels)
@@ -505,13 +510,37 @@ class CocoDataset(torch.utils.data.Dataset):
         self.image_ids: list[int] = [r["id"] for r in records]
         self._sizes = np.array([(r["height"], r["width"]) for r in records], dtype=np.int64).reshape(-1, 2)
         self._records = _PickledList(records)
+        # Per-record code of a file found bad while loading (0 = fine; k = _LAZY_KINDS[k - 1]). Shared
+        # memory: DataLoader workers (forked, or spawned through torch's pickler) write the same
+        # storage the main process reads, so their skips are not lost with the worker.
+        self._lazy_bad = torch.zeros(len(records), dtype=torch.uint8).share_memory_()
         if self.skipped:
             log.warning("%s: skipped %s", self.ann_file, dict(self.skipped))
 
     # -- policy -----------------------------------------------------------------------------------
     def _count(self, where: str, reason: str) -> None:
-        self.skipped[reason] += 1
-        self.skipped_items.append((where, reason))
+        self._scan_skipped[reason] += 1
+        self._scan_skipped_items.append((where, reason))
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Skipped/dropped entries by reason: found at start-up plus images found bad while loading."""
+        out = Counter(self._scan_skipped)
+        lazy = getattr(self, "_lazy_bad", None)
+        if lazy is not None:
+            for code in lazy[lazy > 0].tolist():
+                out[_LAZY_KINDS[code - 1]] += 1
+        return out
+
+    @property
+    def skipped_items(self) -> list[tuple[str, str]]:
+        items = list(self._scan_skipped_items)
+        lazy = getattr(self, "_lazy_bad", None)
+        if lazy is not None:
+            for j in torch.nonzero(lazy).flatten().tolist():
+                r = self._records[j]
+                items.append((f"image {r['id']} ({r['file_name']})", _LAZY_KINDS[int(lazy[j]) - 1]))
+        return items
 
     def _bad(self, problem: Problem | str, where: str, reason: str) -> None:
         if not self.skip_bad:
@@ -535,12 +564,17 @@ class CocoDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         for attempt in range(len(self)):
             j = (i + attempt) % len(self)
+            if self._lazy_bad[j]:
+                continue  # already found bad (here or in another worker): do not decode it again
             try:
                 return self._load(j)
             except ImageFileError as e:
                 r = self._records[j]
                 where = f"image {r['id']} ({r['file_name']})"
-                self._bad(f"{where}: {e}", where, e.kind)
+                if not self.skip_bad:
+                    self._bad(f"{where}: {e}", where, e.kind)
+                kind = e.kind if e.kind in _LAZY_KINDS else "corrupt_image"
+                self._lazy_bad[j] = _LAZY_KINDS.index(kind) + 1
                 log.warning("skipping %s: %s", where, e)
         raise DataError(f"{self.ann_file}: no readable image left (skipped: {dict(self.skipped)})")
 
