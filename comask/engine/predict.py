@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from comask.engine.results import binarize_masks, encode_masks
-from comask.errors import UserError
+from comask.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 # Names Windows refuses as file names whatever the extension; prefixing keeps outputs portable.
@@ -32,6 +32,33 @@ _MAX_NAME = 100
 
 Backend = Callable[[list[torch.Tensor]], list[dict]]
 ImageLike = str | Path | Image.Image | np.ndarray
+
+
+class ImageSizeError(DataError, ValueError):
+    """An image the model's test-time resize cannot handle (a side would shrink to 0 pixels).
+
+    A ValueError too, so `comask predict` reports and skips the image like any image the model fails on.
+    """
+
+
+def _check_resizable(backend: Any, arrays: Sequence[np.ndarray]) -> None:
+    """Refuse, with a clear message, images torchvision's GeneralizedRCNNTransform would resize to 0 px
+    (e.g. a 2x300 strip: the longer-side cap shrinks the shorter side below one pixel)."""
+    t = getattr(getattr(backend, "model", None), "transform", None)
+    min_size, max_size = getattr(t, "min_size", None), getattr(t, "max_size", None)
+    if min_size is None or max_size is None:
+        return  # not a torchvision-style transform (e.g. ONNX): the backend's own error is reported
+    short_target = float(min_size[-1] if isinstance(min_size, (tuple, list)) else min_size)
+    for a in arrays:
+        h, w = a.shape[:2]
+        # the same scale and floor as torchvision's _resize_image_and_masks in eval mode
+        scale = min(short_target / min(h, w), float(max_size) / max(h, w))
+        if int(min(h, w) * scale) < 1:
+            raise ImageSizeError(
+                f"image of {w}x{h} pixels is too thin for the model's resize (shorter side {short_target:g}, "
+                f"longer side at most {float(max_size):g} makes its shorter side 0 px); crop or pad it to an "
+                f"aspect ratio below {float(max_size):g}:1"
+            )
 
 
 class TorchBackend:
@@ -171,6 +198,7 @@ class Predictor:
     def _run(self, arrays: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         if not arrays:
             return []
+        _check_resizable(self.backend, arrays)
         # PIL-backed arrays are read-only; torch wants writable memory even though it only reads here
         tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1).float().div_(255.0)
                    for a in arrays]
