@@ -30,6 +30,10 @@ CKPT_RE = re.compile(r"^model_(\d{7,})\.pth$")
 TMP_PREFIX = ".tmp-ckpt-"
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (e.g. disk full); an OSError too, for callers that handle I/O errors."""
+
+
 def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pth"
 
@@ -45,12 +49,18 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # Also on KeyboardInterrupt: never leave a half-written temp file behind.
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+            # disk full / quota / I/O error mid-run: one line for the user, the old file is untouched
+            raise CheckpointWriteError(
+                f"{path}: cannot write checkpoint ({e.strerror or e}); any previous checkpoint is intact; "
+                "free disk space (or choose another --out) and continue with --resume"
+            ) from None
         raise
     _fsync_dir(path.parent)
     return path

@@ -389,7 +389,12 @@ def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: l
     from comask.data.coco import CocoDataset
     from comask.engine import dist
     from comask.engine.predict import load_model
+    from comask.engine.train import check_output_dir
 
+    if out_dir is None:
+        out_dir = Path(weights).resolve().parent / f"eval_{Path(weights).stem}"
+    if dist.is_main_process():
+        check_output_dir(out_dir, 0)  # before the model and the data: an unusable --out costs nothing
     lm = load_model(weights, config, opts, device=dev)
     cfg = lm.cfg
     if cfg.data.get("synth"):
@@ -405,7 +410,12 @@ def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: l
             f"{cfg.data.val.ann}: category ids {_few(dataset.cat_ids, 10)} differ from the model's "
             f"{_few(lm.cat_ids, 10)}; evaluate on the data set the model was trained for (or pass its --config)"
         )
-    if out_dir is None:
-        out_dir = Path(weights).resolve().parent / f"eval_{Path(weights).stem}"
-    return evaluate_model(lm.model, dataset, device=dev, batch_size=2, distributed=distributed, out_dir=out_dir,
-                          num_workers=int(cfg.data.get("num_workers", 0) or 0))
+    metrics = evaluate_model(lm.model, dataset, device=dev, batch_size=2, distributed=distributed,
+                             out_dir=out_dir, num_workers=int(cfg.data.get("num_workers", 0) or 0))
+    skipped = dict(dataset.skipped)
+    if skipped and dist.is_main_process():
+        # data.skip_bad: the scores cover only the images that could be used; say how many could not
+        metrics["skipped_data"] = skipped
+        _write_json(Path(out_dir) / "metrics.json", {k: v for k, v in metrics.items() if k != "files"}, indent=2)
+        print(f"comask eval: skipped bad validation data (data.skip_bad): {skipped}", file=sys.stderr)
+    return metrics

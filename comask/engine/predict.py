@@ -368,8 +368,11 @@ def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | 
                   device: str = "auto", batch_size: int = 2, *, predictor: Predictor | None = None,
                   draw: bool = True) -> int:
     """`comask predict`: overlays OUT/<name>.png and OUT/predictions.json; 0 if every input was used, else 1."""
+    from comask.engine.train import check_output_dir
     from comask.engine.visualize import draw_instances
 
+    # before loading the model: an unusable --out should cost nothing (no free-space floor here)
+    check_output_dir(out, 0)
     if predictor is None:
         if weights is None and onnx is None:
             raise UserError("give --weights CKPT (a .pth checkpoint) or --onnx MODEL")
@@ -409,6 +412,10 @@ def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | 
                     if target.parent != root:  # unreachable after safe_stem; a guard, not a filter
                         raise UserError(f"{path}: output name {name!r} would leave {out_dir}")
                     Image.fromarray(draw_instances(arr, inst, predictor.classes)).save(target)
+    except OSError as e:
+        writer.abort()
+        raise UserError(f"{out_dir}: cannot write outputs ({e.strerror or e}); free disk space or choose "
+                        "another --out") from None
     except BaseException:
         writer.abort()
         raise
