@@ -70,6 +70,13 @@ def _cmd_export_onnx(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_torchscript(a: argparse.Namespace) -> int:
+    from comask.export.torchscript import export_torchscript
+
+    export_torchscript(a.weights, a.out, config=a.config, size=a.size)
+    return 0
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     from comask.serve.app import serve
 
@@ -150,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--size", default=None, help="HxW input size (default: the config's test size)")
     o.add_argument("--dynamic", action="store_true", help="dynamic input height/width")
     o.set_defaults(func=_cmd_export_onnx)
+    ts = ex.add_parser("torchscript", help="TorchScript (torch.jit.trace), masks included")
+    ts.add_argument("--weights", required=True)
+    ts.add_argument("--config", default=None)
+    ts.add_argument("--out", required=True)
+    ts.add_argument("--size", default=None, help="HxW size to trace at (default: the config's test size)")
+    ts.set_defaults(func=_cmd_export_torchscript)
 
     sv = sub.add_parser("serve", help="HTTP inference service with a web page")
     sv.add_argument("--weights", required=True)
@@ -170,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--opts", nargs="*", default=[])
     b.add_argument("--json", action="store_true")
+    b.add_argument("--train", action="store_true", help="speed: time a training step instead of inference")
+    b.add_argument("--warmup", type=int, default=1, help="speed: untimed runs before the repeats")
+    b.add_argument("--profile", type=int, default=0, help="speed: also list the N slowest operators")
+    b.add_argument("--no-train", action="store_true", help="ablation: latency table only, no training")
     b.set_defaults(func=_cmd_bench)
     return p
 

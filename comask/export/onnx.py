@@ -29,6 +29,7 @@ from comask.export.common import (
     default_size,
     example_image,
     metadata,
+    onnx_friendly,
     parse_size,
 )
 
@@ -103,7 +104,7 @@ def export_onnx(weights: str | Path, out: str | Path, config: str | Path | None 
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'model.onnx'}")
     lm = load_model(weights, config, opts, device="cpu")
     trace_hw = hw or default_size(lm.cfg)
-    module = InferenceModule(lm.model)
+    module = InferenceModule(onnx_friendly(lm.model))
     example = example_image(trace_hw)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
