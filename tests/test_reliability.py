@@ -109,7 +109,17 @@ def _messy(root: Path) -> TinyCoco:
     _add_image(tc, 62, "huge.png", 20000, 20000)  # image_too_large
     Image.fromarray(_rgb()).save(d / "w.png")
     _add_image(tc, 63, "w.png", w=70)  # size_mismatch (stored 70x48, file 64x48)
+    Image.fromarray(_rgb()).save(d / "cut.jpg")
+    (d / "cut.jpg").write_bytes((d / "cut.jpg").read_bytes()[:-400])
+    _add_image(tc, 64, "cut.jpg")  # truncated_image
+    Image.new("RGB", (1, 1)).save(d / "one.png")
+    _add_image(tc, 65, "one.png", 1, 1, with_ann=False)  # tiny_image: a warning, used as a negative
+    tc.data["images"].append({"id": 1, "file_name": "one.png", "width": 1, "height": 1})  # duplicate_image_id
     anns = tc.data["annotations"]
+    anns.append({**anns[0]})  # duplicate_annotation_id (id 10 again)
+    anns.append({**anns[0], "id": 95, "bbox": [25.0, 4.0, -20.0, 16.0]})  # negative_box (always dropped)
+    anns.append({**anns[0], "id": 96, "bbox": [500.0, 4.0, 20.0, 16.0]})  # box_outside_image (always dropped)
+    anns.append({**anns[1], "id": 97, "segmentation": {**anns[1]["segmentation"], "size": [40, 64]}})
     anns.append({**anns[0], "id": 90, "category_id": 999})  # unknown_category
     anns.append({**anns[0], "id": 91, "image_id": 777})  # unknown_image
     anns.append({**anns[0], "id": 92, "bbox": [5.0, 4.0, 0.0, 16.0]})  # zero_size_box (always dropped)
@@ -121,7 +131,8 @@ def _messy(root: Path) -> TinyCoco:
 
 SCAN_SKIPS = {"missing_file": 1, "empty_file": 1, "not_an_image": 1, "image_too_large": 1, "size_mismatch": 1,
               "unknown_category": 1, "unknown_image": 1, "zero_size_box": 1, "nan_coordinates": 1,
-              "degenerate_polygon": 1}
+              "degenerate_polygon": 1, "truncated_image": 1, "duplicate_image_id": 1, "duplicate_annotation_id": 1,
+              "negative_box": 1, "box_outside_image": 1, "rle_size_mismatch": 1}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,6 +162,13 @@ def test_train_without_skip_bad_names_the_file_and_the_fix(tmp_path: Path, capfd
     tc = _messy(tmp_path / "d")
     assert main(["train", "--config", CFG, "--out", str(tmp_path / "run"), "--opts", *_opts(tc)]) == 2
     _one_error_line(capfd, str(tc.ann), "data.skip_bad=true", "comask data check")
+    # the annotation file itself: not JSON, lacking keys, wrong types (skip_bad cannot help: one line, exit 2)
+    for content, needle in [("{oops", "not valid JSON"), ('{"images": []}', "missing key(s) annotations"),
+                            ('{"images": 5, "annotations": [], "categories": []}', "'images' must be a list")]:
+        tc.ann.write_text(content)
+        assert main(["train", "--config", CFG, "--out", str(tmp_path / "run"), "--opts",
+                     *_opts(tc, "data.skip_bad=true")]) == 2
+        _one_error_line(capfd, str(tc.ann), needle)
 
 
 def test_train_with_skip_bad_completes_and_reports_counts(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
@@ -350,4 +368,4 @@ def test_data_check_accepts_unusual_modes_and_lists_the_messy_set(tmp_path: Path
     assert main(["data", "check", "--ann", str(bad.ann), "--images", str(bad.images), "--json"]) == 1
     r = json.loads(capfd.readouterr().out)
     kinds = sorted(p["kind"] for p in r["errors"] + r["warnings"])
-    assert kinds == sorted(SCAN_SKIPS)
+    assert kinds == sorted([*SCAN_SKIPS, "tiny_image"])
