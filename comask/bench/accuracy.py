@@ -1,0 +1,127 @@
+"""`comask bench accuracy` / `comask bench ablation`: train models on shapes-bench with one budget,
+evaluate them, and tabulate COCO metrics in the paper's Table 1 columns.
+
+Every run trains into OUT/<name>_seed<k>/ with `comask.engine.train.train`; a run whose directory
+already holds `model_final.pth` and `metrics.json` is reused, so an interrupted comparison resumes
+where it stopped (delete the directory to retrain).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from comask.errors import UserError
+
+COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+# The standard pair: identical backbone, FPN width, RPN, sampling, data and schedule (see their YAML).
+ACCURACY_MODELS: list[tuple[str, str, list[str]]] = [
+    ("comask", "comask_r18_mfpn_shapes", []),
+    ("maskrcnn", "maskrcnn_r18_fpn_shapes", []),
+]
+
+# Paper Table 2 (MSFEM branches B) and Table 3 (w/o collaborative learning), on the CoMask pair config.
+ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
+    ("comask_B0", "comask_r18_mfpn_shapes", ["model.msfem.branches=0"]),
+    ("comask_B1", "comask_r18_mfpn_shapes", ["model.msfem.branches=1"]),
+    ("comask_B2", "comask_r18_mfpn_shapes", ["model.msfem.branches=2"]),
+    ("comask_B4", "comask_r18_mfpn_shapes", ["model.msfem.branches=4"]),
+    ("comask_B4_woCL", "comask_r18_mfpn_shapes", ["model.msfem.branches=4", "model.collab_head.collaborative=false"]),
+]
+
+
+def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    m = run_dir / "metrics.json"
+    if (run_dir / "model_final.pth").is_file() and m.is_file():
+        try:
+            data = json.loads(m.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and "bbox" in data else None
+    return None
+
+
+def train_and_evaluate(
+    name: str, config: str, model_opts: list[str], seed: int, out: Path, opts: list[str]
+) -> dict[str, Any]:
+    """Train one (config, seed) into OUT/<name>_seed<seed>/ (or reuse a finished run); its metrics row."""
+    from comask.config import load_config
+    from comask.engine.train import train
+
+    run_dir = out / f"{name}_seed{seed}"
+    overrides = list(model_opts) + list(opts) + [f"runtime.seed={seed}", "runtime.final_eval=true"]
+    cfg = load_config(config, overrides)
+    metrics = _finished_metrics(run_dir)
+    seconds = None
+    reused = metrics is not None
+    if metrics is None:
+        t0 = time.monotonic()
+        # resume=True continues an interrupted run from its last periodic checkpoint (or starts fresh)
+        result = train(cfg, run_dir, resume=True)
+        seconds = time.monotonic() - t0
+        if result.get("stop_reason") not in ("completed", "time_limit"):
+            raise UserError(f"training {name} seed {seed} stopped: {result.get('stop_reason')} (see {run_dir})")
+        metrics = result.get("metrics") or _finished_metrics(run_dir)
+        if not metrics:
+            raise UserError(f"training {name} seed {seed} produced no metrics (runtime.final_eval?) in {run_dir}")
+    return {
+        "name": name,
+        "config": config,
+        "opts": overrides,
+        "seed": seed,
+        "iters": int(cfg.schedule.max_iter),
+        "train_seconds": seconds,
+        "reused": reused,
+        "run_dir": str(run_dir),
+        "segm": {k: float(metrics.get("segm", {}).get(k, float("nan"))) for k in COLUMNS},
+        "bbox": {k: float(metrics.get("bbox", {}).get(k, float("nan"))) for k in COLUMNS},
+    }
+
+
+def _mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model name: the mean over seeds (and the seeds it covers)."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append(r)
+    out = []
+    for name, rs in by_name.items():
+        row = {"name": name, "seeds": [r["seed"] for r in rs]}
+        for task in ("segm", "bbox"):
+            row[task] = {k: statistics.fmean(r[task][k] for r in rs) for k in COLUMNS}
+            if len(rs) > 1:
+                row[task + "_std"] = {k: statistics.stdev(r[task][k] for r in rs) for k in COLUMNS}
+        out.append(row)
+    return out
+
+
+def _pct(v: float) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) or v < 0 else f"{100 * v:.1f}"
+
+
+def format_table(rows: list[dict[str, Any]], extra: dict[str, str] | None = None) -> str:
+    """Markdown table: mask AP columns, then box AP columns (COCO AP x 100), one row per model."""
+    extra = extra or {}
+    head = ["model", "seeds"] + [f"mask {c}" for c in COLUMNS] + [f"box {c}" for c in COLUMNS]
+    head += list(next(iter(extra.values()), {}).keys()) if extra else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in _mean_rows(rows):
+        cells = [r["name"], ",".join(str(s) for s in r["seeds"])]
+        cells += [_pct(r["segm"][c]) for c in COLUMNS] + [_pct(r["bbox"][c]) for c in COLUMNS]
+        cells += list((extra.get(r["name"]) or {}).values())
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_training_table(
+    models: list[tuple[str, str, list[str]]], seeds: list[int], out: Path, opts: list[str]
+) -> list[dict[str, Any]]:
+    rows = []
+    for seed in seeds:
+        for name, config, model_opts in models:
+            rows.append(train_and_evaluate(name, config, model_opts, seed, out, opts))
+    return rows

@@ -1,0 +1,362 @@
+"""`comask bench speed`: inference latency / training-step time, parameters, GFLOPs and peak memory.
+
+Each model is measured in a subprocess of its own (`python -m comask.bench.speed SPEC_JSON`), so the
+peak resident set size that `resource.getrusage` reports belongs to that model alone, and the two
+models of an A/B comparison run one after the other under the same load.
+
+Inference: batch 1, eval mode, a fixed random image of exactly the requested size (the test-time
+resize is set to that size, so the network sees H x W, padded to a multiple of 32 as always). A
+random-initialised detector scores every class near 1/(C+1), below the usual 0.05 threshold, and
+would then run its mask stage on nothing; the benchmark sets `model.test.score_thresh=0` so that both
+models always return `detections_per_img` detections and the RoI heads do their full test-time work.
+
+Training (`--train`): one SGD step (forward, backward, update) on a batch of `schedule.ims_per_batch`
+shapes-bench images drawn by the synthetic generator at the config's training size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from comask.config import ConfigError
+from comask.errors import UserError
+
+SPEC_FIELDS = ("config", "opts", "weights", "size", "threads", "repeats", "warmup", "mode", "profile")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'800x1216' -> (800, 1216); a single number means a square."""
+    try:
+        parts = [int(p) for p in str(text).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 32:
+        raise ConfigError(f"--size must be HxW with both sides >= 32 (e.g. 800x1216), got {text!r}")
+    return parts[0], parts[1]
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS)
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def _count_flops(fn: Any) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def _load_model(spec: dict[str, Any], cfg: Any) -> torch.nn.Module:
+    from comask.modeling.build import build_model
+
+    model = build_model(cfg, pretrained=False)
+    if spec.get("weights"):
+        from comask.engine.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(spec["weights"])
+        state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+        model.load_state_dict(state)
+    return model
+
+
+def _inference_cfg(spec: dict[str, Any]) -> Any:
+    from comask.config import load_config
+
+    h, w = spec["size"]
+    opts = list(spec.get("opts") or []) + [
+        "model.test.score_thresh=0.0",
+        f"input.min_size_test={min(h, w)}",
+        f"input.max_size_test={max(h, w)}",
+    ]
+    return load_config(spec["config"], opts)
+
+
+def _train_batch(cfg: Any, seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """`ims_per_batch` shapes-bench images at the config's largest training size, with their targets."""
+    from comask.data import synth
+
+    gen = synth.PRESETS["shapes-bench"]
+    classes = list(gen["classes"])
+    size = int(max(cfg.input.min_size_train))
+    images, targets = [], []
+    for i in range(int(cfg.schedule.ims_per_batch)):
+        img, insts = synth.render_image(gen, size, seed, "train", i)
+        insts = [d for d in insts if d["visible"].any()]
+        masks = np.stack([d["visible"] for d in insts]).astype(np.uint8)
+        boxes = []
+        for m in masks:
+            ys, xs = np.nonzero(m)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        labels = [min(classes.index(d["name"]) + 1, int(cfg.model.num_classes)) for d in insts]
+        images.append(torch.from_numpy(img).permute(2, 0, 1).float().div(255))
+        targets.append({
+            "boxes": torch.tensor(boxes, dtype=torch.float32),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "masks": torch.from_numpy(masks),
+        })
+    return images, targets
+
+
+def _timed(fn: Any, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one model in this process (the subprocess side of `run_speed`)."""
+    from comask.config import load_config
+
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    mode = spec.get("mode", "inference")
+    if mode == "inference":
+        cfg = _inference_cfg(spec)
+        model = _load_model(spec, cfg).eval()
+        h, w = spec["size"]
+        image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+
+        def step() -> Any:
+            with torch.inference_mode():
+                return model([image])
+
+        out = step()  # first call: allocations, also tells how many detections the RoI heads handled
+        detections = int(out[0]["boxes"].shape[0])
+        times = _timed(step, int(spec["repeats"]), max(0, int(spec["warmup"]) - 1))
+        flops_fn = step
+        size_desc = [h, w]
+    elif mode == "train":
+        cfg = load_config(spec["config"], list(spec.get("opts") or []))
+        model = _load_model(spec, cfg).train()
+        images, targets = _train_batch(cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+        def step() -> Any:
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        times = _timed(step, int(spec["repeats"]), int(spec["warmup"]))
+        detections = None
+
+        def flops_fn() -> Any:
+            # forward + backward, no update (FlopCounterMode counts the autograd kernels too)
+            loss = sum(model(images, targets).values())
+            loss.backward()
+            opt.zero_grad(set_to_none=True)
+
+        size_desc = [int(max(cfg.input.min_size_train))] * 2
+    else:
+        raise ConfigError(f"unknown speed mode {mode!r}")
+
+    result: dict[str, Any] = {
+        "config": spec["config"],
+        "opts": list(spec.get("opts") or []),
+        "mode": mode,
+        "model_type": str(cfg.model.type),
+        "size": size_desc,
+        "batch": 1 if mode == "inference" else int(cfg.schedule.ims_per_batch),
+        "threads": torch.get_num_threads(),
+        "latency_s": {"median": statistics.median(times), "min": min(times), "max": max(times)},
+        "times_s": times,
+        "params": sum(p.numel() for p in model.parameters()),
+        "detections": detections,
+    }
+    # Before the FLOP count, whose dispatch hooks hold extra tensors: peak RSS is the model's own.
+    result["peak_rss_mb"] = _peak_rss_mb()
+    result["gflops"] = _count_flops(flops_fn)
+    if spec.get("profile"):
+        result["profile"] = _profile(flops_fn if mode == "train" else step, int(spec["profile"]))
+    return result
+
+
+def _profile(fn: Any, top: int) -> list[dict[str, Any]]:
+    """The `top` operators by self CPU time over one call, and the time under each named stage."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [
+        {"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "total_s": e.cpu_time_total / 1e6, "calls": e.count}
+        for e in rows
+    ]
+
+
+def stage_times(spec: dict[str, Any]) -> dict[str, float]:
+    """Seconds spent in each top-level stage (and the CoMask RoI-head steps) over one inference."""
+    cfg = _inference_cfg(spec)
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    model = _load_model(spec, cfg).eval()
+    h, w = spec["size"]
+    image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+    acc: dict[str, float] = {}
+    starts: dict[str, float] = {}
+
+    def wrap(name: str, mod: torch.nn.Module) -> None:
+        def pre(*_: Any) -> None:
+            starts[name] = time.perf_counter()
+
+        def post(*_: Any) -> None:
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - starts[name]
+
+        mod.register_forward_pre_hook(pre)
+        mod.register_forward_hook(post)
+
+    named = {"backbone": model.backbone, "rpn": model.rpn, "roi_heads": model.roi_heads}
+    body = getattr(model.backbone, "body", None)
+    if body is not None:
+        named["backbone.body"] = body
+        named["backbone.fpn"] = model.backbone.fpn
+    if hasattr(model.backbone, "msfem"):
+        named["backbone.msfem"] = model.backbone.msfem
+        for k, m in model.backbone.msfem.items():
+            named[f"backbone.msfem.{k}"] = m
+    for k in ("cls_head", "collab_head", "box_head", "mask_head", "box_roi_pool", "mask_roi_pool",
+              "cls_pooler", "collab_pooler", "mask_predictor"):
+        m = getattr(model.roi_heads, k, None)
+        if isinstance(m, torch.nn.Module):
+            named[f"roi_heads.{k}"] = m
+    for name, m in named.items():
+        if name != "backbone.msfem":  # a ModuleDict is never called itself; its levels are
+            wrap(name, m)
+    with torch.inference_mode():
+        model([image])  # warm-up
+        acc.clear()
+        t0 = time.perf_counter()
+        model([image])
+        acc["total"] = time.perf_counter() - t0
+    return acc
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent side
+# ------------------------------------------------------------------------------------------------
+
+
+def run_in_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run `measure(spec)` in a fresh Python process and return its result."""
+    env = dict(os.environ)
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+        env["MKL_NUM_THREADS"] = str(spec["threads"])
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from comask.bench.speed import main; sys.exit(main())", json.dumps(spec)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise UserError(
+            f"speed measurement of {spec['config']} failed (exit {proc.returncode}): " + " | ".join(tail)
+        )
+    return json.loads(lines[-1])
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def run_speed(
+    configs: list[str],
+    *,
+    size: tuple[int, int],
+    opts: list[str] | None = None,
+    weights: str | None = None,
+    threads: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    mode: str = "inference",
+    profile: int = 0,
+) -> dict[str, Any]:
+    """Measure each config in its own subprocess (A, then B) and compute the A/B ratios."""
+    models = []
+    for config in configs:
+        spec = {"config": config, "opts": list(opts or []), "weights": weights, "size": list(size),
+                "threads": threads, "repeats": repeats, "warmup": warmup, "mode": mode, "profile": profile}
+        models.append(run_in_subprocess(spec))
+    report: dict[str, Any] = {"models": models}
+    if len(models) == 2:
+        a, b = models
+        report["ratio"] = {
+            "latency": _ratio(a["latency_s"]["median"], b["latency_s"]["median"]),
+            "peak_rss": _ratio(a["peak_rss_mb"], b["peak_rss_mb"]),
+            "gflops": _ratio(a["gflops"], b["gflops"]),
+            "params": _ratio(a["params"], b["params"]),
+        }
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    models = report["models"]
+    what = "train step (s)" if models and models[0]["mode"] == "train" else "latency (s)"
+    lines = [
+        f"| config | size | threads | {what} median | min | max | params (M) | GFLOPs | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        lat = m["latency_s"]
+        size = "x".join(str(s) for s in m["size"])
+        if m["mode"] == "train":
+            size += f" x{m['batch']}"
+        lines.append(
+            f"| {m['config']} | {size} | {m['threads']} | {lat['median']:.3f} | {lat['min']:.3f} | "
+            f"{lat['max']:.3f} | {m['params'] / 1e6:.2f} | {m['gflops']:.1f} | {m['peak_rss_mb']:.0f} |"
+        )
+    r = report.get("ratio")
+    if r:
+        lines.append("")
+        lines.append(
+            f"A/B: latency {r['latency']:.3f}x, peak RSS {r['peak_rss']:.3f}x, "
+            f"GFLOPs {r['gflops']:.3f}x, params {r['params']:.3f}x"
+        )
+    for m in models:
+        for row in m.get("profile") or []:
+            if row is (m.get("profile") or [None])[0]:
+                lines.append(f"\nprofile of {m['config']} (self CPU time, one call):")
+            lines.append(f"  {row['self_s']:8.3f} s  {row['calls']:6d}x  {row['op']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    if spec.get("mode") == "stages":
+        print(json.dumps(stage_times(spec)))
+        return 0
+    print(json.dumps(measure(spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
