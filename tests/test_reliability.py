@@ -285,6 +285,13 @@ def test_eval_on_bad_validation_data(ckpt3: Path, tmp_path: Path, capfd: pytest.
     # the five unusual-mode images are evaluated; the missing one is counted, not scored as a miss
     assert m["num_images"] == 8 and m["skipped_data"] == {"missing_file": 1}
     assert "skipped bad validation data" in err
+    # a 300x2 strip passes the data checks but the model's resize (64, max 64) would make it 0 px high
+    Image.fromarray(_rgb(2, 300)).save(tc.images / "thin.png")
+    _add_image(tc, 70, "thin.png", 300, 2, with_ann=False)
+    tc.write()
+    assert main(["eval", "--weights", str(ckpt3), "--out", str(tmp_path / "e3"), "--device", "cpu",
+                 "--opts", *val, "data.skip_bad=true"]) == 2
+    _one_error_line(capfd, "image 70", "300x2", "too thin")
 
 
 def test_unwritable_output_dirs_fail_before_work(ckpt3: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:

@@ -277,7 +277,13 @@ def run_inference(model: torch.nn.Module, dataset: Any, *, device: torch.device 
     img_ids: list[int] = []
     total = len(subset)
     t0, done = time.perf_counter(), 0
+    from comask.engine.predict import resize_problem
+
     for images, targets in loader:
+        for im, tgt in zip(images, targets):
+            why = resize_problem(model, int(im.shape[-2]), int(im.shape[-1]))
+            if why:  # a one-line error instead of torch's interpolate crash deep in the model
+                raise DataError(f"image {tgt['image_id']}: {why}; or remove it from the evaluation set")
         outputs = model([im.to(device) for im in images])
         for im, tgt, out in zip(images, targets, outputs):
             image_id = int(tgt["image_id"])

@@ -41,24 +41,33 @@ class ImageSizeError(DataError, ValueError):
     """
 
 
-def _check_resizable(backend: Any, arrays: Sequence[np.ndarray]) -> None:
-    """Refuse, with a clear message, images torchvision's GeneralizedRCNNTransform would resize to 0 px
-    (e.g. a 2x300 strip: the longer-side cap shrinks the shorter side below one pixel)."""
-    t = getattr(getattr(backend, "model", None), "transform", None)
+def resize_problem(model: Any, height: int, width: int) -> str | None:
+    """Why `model`'s test-time resize cannot take a height x width image, or None when it can (or when
+    the model has no torchvision GeneralizedRCNNTransform to ask, e.g. an ONNX backend).
+
+    torchvision's resize makes the shorter side min_size unless the longer side would exceed max_size,
+    then floors the sizes: a 2x300 strip at max_size 64 becomes 0 px high and interpolate crashes.
+    """
+    t = getattr(model, "transform", None)
     min_size, max_size = getattr(t, "min_size", None), getattr(t, "max_size", None)
     if min_size is None or max_size is None:
-        return  # not a torchvision-style transform (e.g. ONNX): the backend's own error is reported
+        return None
     short_target = float(min_size[-1] if isinstance(min_size, (tuple, list)) else min_size)
+    # the same scale and floor as torchvision's _resize_image_and_masks in eval mode
+    scale = min(short_target / min(height, width), float(max_size) / max(height, width))
+    if int(min(height, width) * scale) >= 1:
+        return None
+    return (f"image of {width}x{height} pixels is too thin for the model's resize (shorter side {short_target:g}, "
+            f"longer side at most {float(max_size):g} makes its shorter side 0 px); crop or pad it to an aspect "
+            f"ratio below {float(max_size):g}:1")
+
+
+def _check_resizable(backend: Any, arrays: Sequence[np.ndarray]) -> None:
+    """Refuse, with a clear message, images the model's resize would shrink to 0 px."""
     for a in arrays:
-        h, w = a.shape[:2]
-        # the same scale and floor as torchvision's _resize_image_and_masks in eval mode
-        scale = min(short_target / min(h, w), float(max_size) / max(h, w))
-        if int(min(h, w) * scale) < 1:
-            raise ImageSizeError(
-                f"image of {w}x{h} pixels is too thin for the model's resize (shorter side {short_target:g}, "
-                f"longer side at most {float(max_size):g} makes its shorter side 0 px); crop or pad it to an "
-                f"aspect ratio below {float(max_size):g}:1"
-            )
+        why = resize_problem(getattr(backend, "model", None), *a.shape[:2])
+        if why:
+            raise ImageSizeError(why)
 
 
 class TorchBackend:
