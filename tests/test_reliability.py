@@ -376,3 +376,27 @@ def test_data_check_accepts_unusual_modes_and_lists_the_messy_set(tmp_path: Path
     r = json.loads(capfd.readouterr().out)
     kinds = sorted(p["kind"] for p in r["errors"] + r["warnings"])
     assert kinds == sorted([*SCAN_SKIPS, "tiny_image"])
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_checkpoint_refused_by_every_command(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "iter": 1, "x": _Evil(marker)}, evil)
+    img = tmp_path / "x.png"
+    Image.fromarray(_rgb()).save(img)
+    tc = make_tiny_coco(tmp_path / "d")
+    for argv in (["predict", str(img), "--weights", str(evil), "--out", str(tmp_path / "p"), "--device", "cpu"],
+                 ["eval", "--weights", str(evil), "--out", str(tmp_path / "e"), "--device", "cpu"],
+                 ["train", "--config", CFG, "--out", str(tmp_path / "t"), "--opts",
+                  *_opts(tc, f"runtime.load_from={evil}")]):
+        assert main(argv) == 2
+        _one_error_line(capfd, str(evil), "refused", "run code")
+    assert not marker.exists(), "the payload must never run"
