@@ -44,10 +44,12 @@ class FPNRoIAlign(nn.Module):
 
     @staticmethod
     def _scales(feats: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
-        # Features are computed on the padded batch, so infer each stride from the largest image and round
-        # to a power of two (what torchvision does).
+        # Features are computed on the padded batch, so a map is at least (largest image height / stride)
+        # high, and up to ~2x more when padding is a large part of a small image (a 40 px image padded to
+        # 64 has a 16-row P2): the stride is the power of two just above height / map height. Rounding
+        # that ratio to the nearest power of two, as torchvision does, picks stride 2 for that P2.
         max_h = max(s[0] for s in image_shapes)
-        return [2.0 ** round(math.log2(f.shape[-2] / max_h)) for f in feats]
+        return [2.0 ** -math.ceil(math.log2(max_h / f.shape[-2]) - 1e-6) for f in feats]
 
     def forward(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
