@@ -61,13 +61,13 @@ def trained(tmp_path_factory) -> dict:
     ])
     res = train(cfg, root / "run")
     ckpt = Path(res["final"])
-    # Inputs: the validation images (64x64) and a non-square copy of one, for the dynamic graph.
+    # Inputs: the validation images and a resized copy of each (another size for the dynamic graph).
     inputs = root / "inputs"
     inputs.mkdir()
     vals = sorted((data / "val").glob("*.png"))
     for p in vals:
         Image.open(p).save(inputs / p.name)
-    Image.open(vals[0]).resize((88, 56), Image.BILINEAR).save(inputs / "wide.png")
+        Image.open(p).resize((88, 56), Image.BILINEAR).save(inputs / f"wide_{p.name}")
     return {"root": root, "ckpt": ckpt, "inputs": inputs}
 
 
@@ -119,9 +119,11 @@ def test_onnx_runtime_gives_the_pytorch_detections(trained, tmp_path, capsys):
     assert main(["predict", *common, "--onnx", str(model_path), "--out", str(tmp_path / "ort")]) == 0
     n = _assert_same_detections(tmp_path / "pt" / "predictions.json", tmp_path / "ort" / "predictions.json")
     assert n >= 3, "the trained model should detect something on its own validation images"
+    sizes = {Image.open(r["file_name"]).size for r in json.loads((tmp_path / "pt" / "predictions.json").read_text())}
+    assert len(sizes) >= 2, f"detections on images of one size only ({sizes}): the dynamic graph is untested"
     names = sorted(p.name for p in (tmp_path / "pt").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "ort").iterdir())
-    assert "wide.png" in names
+    assert "wide_000001.png" in names
     meta = load_checkpoint(trained["ckpt"])["meta"]
     assert OnnxBackend(model_path).classes == meta["classes"]
 
