@@ -121,6 +121,10 @@ def export_onnx(weights: str | Path, out: str | Path, config: str | Path | None 
                 f"{out}: ONNX Runtime found {check['onnx_detections']} detections where PyTorch found "
                 f"{check['detections']} on the trace image; the export is not faithful (please report it)"
             )
+        # mkstemp creates the file 0600; give the export the permissions of any other new file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
