@@ -144,7 +144,7 @@ def test_legacy_released_layout_loads_into_the_maskrcnn_baseline(maskrcnn_file, 
     torch.save({"model": legacy, "epoch": 26}, path)  # torchvision's reference scripts nest it under 'model'
     assert upgrade_legacy_keys(legacy).keys() == {k for k in src if "num_batches_tracked" not in k}
     cfg = load_config("maskrcnn_r50_fpn_2x_coco", [f"model.init_from={path}", "model.num_classes=90", *SMALL_HEADS,
-                                                   "model.mask_head.conv_dim=256"])
+                                                   "model.mask_head.conv_dim=256", "model.msfem.branches=0"])
     model = build_model(cfg)
     own = model.state_dict()
     for name in ("rpn.head.conv.0.0.weight", "roi_heads.mask_head.0.0.weight", "roi_heads.mask_head.3.0.bias",
