@@ -103,7 +103,12 @@ def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     for b in bases:
         bp = (path.parent / b) if not Path(b).is_absolute() else Path(b)
         if not bp.is_file():
-            raise ConfigError(f"{path}: _base_ '{b}' does not exist")
+            # a user's file may inherit the built-in configs by name: `_base_: comask_r50_mfpn_2x_coco.yaml`
+            builtin = CONFIG_DIR / b
+            if builtin.is_file():
+                bp = builtin
+            else:
+                raise ConfigError(f"{path}: _base_ '{b}' is neither a file next to it nor a built-in config")
         merged = _merge(merged, _load_file(bp, seen + (path,)))
     return _merge(merged, data)
 
