@@ -98,7 +98,8 @@ def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
             speed_rows.append({"name": name, **m})
             extra[name] = {"CPU latency (s)": f"{m['latency_s']['median']:.3f}",
                            "GFLOPs": f"{m['gflops']:.1f}", "params (M)": f"{m['params'] / 1e6:.2f}"}
-    rows = [] if getattr(a, "no_train", False) else run_training_table(models, list(a.seeds), out, list(a.opts or []))
+    train_opts = list(a.opts or []) + ([f"runtime.threads={a.threads}"] if a.threads else [])
+    rows = [] if getattr(a, "no_train", False) else run_training_table(models, list(a.seeds), out, train_opts)
     stem = "ablation" if ablation else "accuracy"
     info = machine()
     header = (f"{info['cpu']}, threads {torch.get_num_threads()}, torch {info['torch']}, {info['date']}; "
