@@ -1,5 +1,7 @@
 """CoMaskRoIHeads on random FPN features: train / eval contracts, empty cases, gradients, pooling."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,7 +215,8 @@ def test_eval_boxes_come_from_the_vote():
     for collaborative in (False, True):
         heads = _heads(collaborative=collaborative)
         torch.nn.init.zeros_(heads.collab_head.offset_pred.weight)
-        torch.nn.init.constant_(heads.collab_head.offset_pred.bias, 0.5)
+        # offsets are exp(conv): log(0.5) gives 0.5 on every side
+        torch.nn.init.constant_(heads.collab_head.offset_pred.bias, math.log(0.5))
         heads.eval()
         with torch.no_grad():
             results, _ = heads(_features(), props, SHAPES)
