@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1, help="speed: untimed runs before the repeats")
     b.add_argument("--profile", type=int, default=0, help="speed: also list the N slowest operators")
     b.add_argument("--no-train", action="store_true", help="ablation: latency table only, no training")
+    b.add_argument("--jobs", type=int, default=1, help="accuracy/ablation: training runs at once (1 thread each)")
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -99,10 +99,11 @@ def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
             extra[name] = {"CPU latency (s)": f"{m['latency_s']['median']:.3f}",
                            "GFLOPs": f"{m['gflops']:.1f}", "params (M)": f"{m['params'] / 1e6:.2f}"}
     train_opts = list(a.opts or []) + ([f"runtime.threads={a.threads}"] if a.threads else [])
-    rows = [] if getattr(a, "no_train", False) else run_training_table(models, list(a.seeds), out, train_opts)
+    rows = [] if getattr(a, "no_train", False) else run_training_table(models, list(a.seeds), out, train_opts,
+                                                                          jobs=int(getattr(a, "jobs", 1) or 1))
     stem = "ablation" if ablation else "accuracy"
     info = machine()
-    header = (f"{info['cpu']}, threads {torch.get_num_threads()}, torch {info['torch']}, {info['date']}; "
+    header = (f"{info['cpu']}, threads {a.threads or torch.get_num_threads()}, torch {info['torch']}, {info['date']}; "
               f"opts {' '.join(a.opts or []) or '(config defaults)'}")
     if rows:
         text = header + "\n\n" + format_table(rows, extra)

@@ -118,10 +118,20 @@ def format_table(rows: list[dict[str, Any]], extra: dict[str, str] | None = None
 
 
 def run_training_table(
-    models: list[tuple[str, str, list[str]]], seeds: list[int], out: Path, opts: list[str]
+    models: list[tuple[str, str, list[str]]], seeds: list[int], out: Path, opts: list[str], jobs: int = 1
 ) -> list[dict[str, Any]]:
-    rows = []
-    for seed in seeds:
-        for name, config, model_opts in models:
-            rows.append(train_and_evaluate(name, config, model_opts, seed, out, opts))
-    return rows
+    """Train and evaluate every (seed, model); with jobs > 1, that many runs at once, each in its own
+    process with `runtime.threads=1` (on a small shared CPU, one thread per run loses nothing to
+    threads waiting on each other; docs/BENCHMARKS.md)."""
+    work = [(name, config, model_opts, seed) for seed in seeds for name, config, model_opts in models]
+    if jobs <= 1:
+        return [train_and_evaluate(n, c, mo, s, out, opts) for n, c, mo, s in work]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a fresh interpreter per worker, no forked torch thread pools or loggers
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(train_and_evaluate, n, c, mo, s, out, list(opts) + ["runtime.threads=1"]) for n, c, mo, s in work
+        ]
+        return [f.result() for f in futures]
