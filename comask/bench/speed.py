@@ -94,6 +94,11 @@ def _train_batch(cfg: Any, seed: int = 0) -> tuple[list[torch.Tensor], list[dict
 
     gen = synth.PRESETS["shapes-bench"]
     classes = list(gen["classes"])
+    if int(cfg.model.num_classes) < len(classes):
+        raise ConfigError(
+            f"--train draws shapes-bench images ({len(classes)} classes): the config's model.num_classes is "
+            f"{cfg.model.num_classes}; use a shapes-bench config or --opts model.num_classes={len(classes)}"
+        )
     size = int(max(cfg.input.min_size_train))
     images, targets = [], []
     for i in range(int(cfg.schedule.ims_per_batch)):
@@ -104,7 +109,7 @@ def _train_batch(cfg: Any, seed: int = 0) -> tuple[list[torch.Tensor], list[dict
         for m in masks:
             ys, xs = np.nonzero(m)
             boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-        labels = [min(classes.index(d["name"]) + 1, int(cfg.model.num_classes)) for d in insts]
+        labels = [classes.index(d["name"]) + 1 for d in insts]
         images.append(torch.from_numpy(img).permute(2, 0, 1).float().div(255))
         targets.append({
             "boxes": torch.tensor(boxes, dtype=torch.float32),
