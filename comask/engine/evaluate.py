@@ -50,18 +50,22 @@ IOU_TYPES = ("bbox", "segm")
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_gt(path: str | Path) -> COCO:
-    """A COCO ground-truth file -> COCO object; errors name the file."""
+def _read_json(path: str | Path, what: str, expected: str) -> Any:
+    """Parse a JSON file; every failure is a one-line DataError naming the file and what was expected."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: ground-truth file not found") from None
+        raise DataError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ground-truth file ({e})") from None
+        raise DataError(f"{path}: cannot read {what} ({e})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); give a COCO instances file") from None
-    return gt_from_dict(data, str(path))
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {expected}") from None
+
+
+def load_gt(path: str | Path) -> COCO:
+    """A COCO ground-truth file -> COCO object; errors name the file."""
+    return gt_from_dict(_read_json(path, "ground-truth file", "give a COCO instances file"), str(path))
 
 
 def gt_from_dict(data: Any, source: str = "ground truth") -> COCO:
@@ -78,16 +82,7 @@ def gt_from_dict(data: Any, source: str = "ground truth") -> COCO:
 
 
 def _read_rows(path: str | Path) -> list:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: results file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read results file ({e})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of COCO results rows") from None
-    return data
+    return _read_json(path, "results file", "expected a list of COCO results rows")
 
 
 def check_rows(rows: Any, coco_gt: COCO, iou_type: str, source: str = "results") -> list[dict]:
