@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from comask.engine.results import binarize_masks, encode_masks
+from comask.engine.results import binarize_masks, encode_masks, to_numpy
 from comask.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -218,8 +218,8 @@ class Predictor:
         scores = np.asarray(out["scores"].detach().cpu() if isinstance(out["scores"], torch.Tensor) else out["scores"],
                             dtype=np.float32).reshape(-1)
         keep = np.nonzero(scores >= self.score_thr)[0]
-        boxes = _np(out["boxes"]).astype(np.float32).reshape(-1, 4)[keep]
-        labels = _np(out["labels"]).astype(np.int64).reshape(-1)[keep]
+        boxes = to_numpy(out["boxes"]).astype(np.float32).reshape(-1, 4)[keep]
+        labels = to_numpy(out["labels"]).astype(np.int64).reshape(-1)[keep]
         if len(labels) and (labels.min() < 1 or labels.max() > len(self.classes)):
             raise UserError(f"model predicted label {int(labels.max())} but knows {len(self.classes)} classes; "
                             "the checkpoint's meta does not match its model")
@@ -237,10 +237,6 @@ class Predictor:
             "class_names": [self.classes[i - 1] for i in labels],
             "masks": masks,
         }
-
-
-def _np(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def instances_to_rows(inst: dict[str, Any], image_id: int, extra: dict[str, Any] | None = None) -> list[dict]:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 MASK_THRESHOLD = 0.5
 
 
-def _np(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
+    """A tensor (any device, with or without grad) or array-like -> numpy array."""
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
@@ -76,9 +77,9 @@ def output_to_rows(
     saw; when `orig_size` differs (an image resized before inference), boxes and masks are mapped back
     so rows are always in the original image's pixels. `extra` is copied into every row (e.g. file_name).
     """
-    boxes = _np(output["boxes"]).astype(np.float32).reshape(-1, 4)
-    scores = _np(output["scores"]).astype(np.float32).reshape(-1)
-    labels = _np(output["labels"]).astype(np.int64).reshape(-1)
+    boxes = to_numpy(output["boxes"]).astype(np.float32).reshape(-1, 4)
+    scores = to_numpy(output["scores"]).astype(np.float32).reshape(-1)
+    labels = to_numpy(output["labels"]).astype(np.int64).reshape(-1)
     keep = scores >= score_thr
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     if len(labels) and (labels.min() < 1 or labels.max() > len(cat_ids)):
