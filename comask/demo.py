@@ -26,6 +26,7 @@ def _time_train_steps(cfg: Config, steps: int = 4) -> float:
 
     The fastest of a few steps: a step slowed by another process on the machine would shrink the
     whole schedule, while `runtime.max_minutes` still stops a run that turns out slower."""
+    from comask.bench.speed import timed_sgd_steps
     from comask.data.loader import build_dataset, build_train_loader
     from comask.modeling.build import build_model
 
@@ -34,17 +35,7 @@ def _time_train_steps(cfg: Config, steps: int = 4) -> float:
     loader = iter(build_train_loader(cfg, ds, seed=int(cfg.runtime.seed)))
     model = build_model(cfg)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    times = []
-    for _ in range(steps + 1):
-        images, targets = next(loader)
-        t0 = time.perf_counter()
-        loss = sum(model(images, targets).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    return min(timed_sgd_steps(model, lambda: next(loader), repeats=steps, warmup=1))
 
 
 def plan_schedule(train_seconds: float, sec_per_iter: float, warmup: int) -> list[str]:

@@ -130,6 +130,33 @@ def _timed(fn: Any, repeats: int, warmup: int) -> list[float]:
     return times
 
 
+def timed_sgd_steps(model: torch.nn.Module, next_batch: Any, repeats: int, warmup: int) -> list[float]:
+    """Seconds of `repeats` SGD steps (forward, backward, update) after `warmup` untimed ones.
+
+    `next_batch()` -> (images, targets) is called outside the timed region, so a data loader's time
+    is not counted. Used by `bench speed --train` (one fixed batch) and `comask demo` (its loader).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        images, targets = next_batch()
+        t0 = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+
+    times: list[float] = []
+    for _ in range(warmup):
+        step()
+    times.clear()
+    for _ in range(repeats):
+        step()
+    return times
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one model in this process (the subprocess side of `run_speed`)."""
     from comask.config import load_config
@@ -157,25 +184,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         cfg = load_config(spec["config"], list(spec.get("opts") or []))
         model = _load_model(spec, cfg).train()
         images, targets = _train_batch(cfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-
-        def step() -> Any:
-            losses = model(images, targets)
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
-
-        times = _timed(step, int(spec["repeats"]), int(spec["warmup"]))
+        times = timed_sgd_steps(model, lambda: (images, targets), int(spec["repeats"]), int(spec["warmup"]))
         detections = None
 
         def flops_fn() -> Any:
             # forward + backward, no update (FlopCounterMode counts the autograd kernels too)
             loss = sum(model(images, targets).values())
             loss.backward()
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
 
         size_desc = [int(max(cfg.input.min_size_train))] * 2
     else:
