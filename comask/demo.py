@@ -1,51 +1,36 @@
 """`comask demo`: synthetic data -> train a CPU-sized CoMask for a time budget -> eval -> overlays.
 
-The learning-rate schedule is counted in iterations, so the demo first times a few training steps
-on this machine and sets `schedule.max_iter` (and the decay steps) to what fits the budget; the
-training's own `runtime.max_minutes` stays on as a hard stop.
+Training runs on the time-based schedule (`schedule.by_time`): whatever this machine's speed, and
+however it changes during the run, the LR decays at fixed fractions of the training minutes and
+training ends when they are spent.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
-import torch
-
-from comask.config import Config, load_config
+from comask.config import load_config
 
 DEMO_CONFIG = "comask_r18_mfpn_demo"
 _EVAL_SHARE = 0.12  # of the budget kept for data generation, evaluation and overlays
 _NUM_OVERLAYS = 8
+_CONFIG_MINUTES = 15.0  # the budget the demo config's warm-up (in iterations) is sized for
 
 
-def _time_train_steps(cfg: Config, steps: int = 4) -> float:
-    """Seconds of one training iteration of `cfg`'s model on its training data, after a warm-up.
-
-    The fastest of a few steps: a step slowed by another process on the machine would shrink the
-    whole schedule, while `runtime.max_minutes` still stops a run that turns out slower."""
-    from comask.bench.speed import timed_sgd_steps
-    from comask.data.loader import build_dataset, build_train_loader
-    from comask.modeling.build import build_model
-
-    torch.manual_seed(int(cfg.runtime.seed))
-    ds = build_dataset(cfg, "train")
-    loader = iter(build_train_loader(cfg, ds, seed=int(cfg.runtime.seed)))
-    model = build_model(cfg)
-    model.train()
-    return min(timed_sgd_steps(model, lambda: next(loader), repeats=steps, warmup=1))
-
-
-def plan_schedule(train_seconds: float, sec_per_iter: float, warmup: int) -> list[str]:
-    """Overrides that fit the step schedule into `train_seconds` (decay at 75% and 92% of it)."""
-    # later iterations are slower than the first ones (more proposals survive into the RoI heads)
-    iters = max(1, int(train_seconds / (sec_per_iter * 1.15)))
+def plan_schedule(train_seconds: float, warmup: int) -> list[str]:
+    """Overrides for a time-based schedule that fills `train_seconds`: LR decays at the config's
+    `schedule.time_steps` fractions of it, training ends when it is spent (max_iter: a mere bound)."""
+    # Warm-up stays in iterations; a shorter budget has fewer of them, so it gets a shorter warm-up.
+    warmup = max(1, min(warmup, math.ceil(warmup * train_seconds / (_CONFIG_MINUTES * 60.0))))
     return [
-        f"schedule.max_iter={iters}",
-        f"schedule.steps=[{max(1, int(iters * 0.75))}, {max(1, int(iters * 0.92))}]",
-        f"schedule.warmup_iters={min(warmup, max(1, iters // 4))}",
+        "schedule.by_time=true",
+        f"runtime.max_minutes={train_seconds / 60:.4f}",
+        "schedule.max_iter=1000000",
+        f"schedule.warmup_iters={warmup}",
     ]
 
 
@@ -61,12 +46,12 @@ def run_demo(out: str | Path, minutes: float = 15.0, seed: int = 0) -> dict:
     root = ensure_synth(cfg.data.synth.preset, cfg.data.synth.root)
     print(f"[demo] data: {root} ({cfg.model.num_classes} classes)")
 
-    sec_per_iter = _time_train_steps(cfg)
     elapsed = time.monotonic() - t_start
     train_seconds = max(10.0, budget * (1 - _EVAL_SHARE) - elapsed)
-    plan = plan_schedule(train_seconds, sec_per_iter, int(cfg.schedule.warmup_iters))
-    print(f"[demo] {sec_per_iter:.2f} s/iteration here -> {plan[0]} for {train_seconds / 60:.1f} min of training")
-    cfg = load_config(DEMO_CONFIG, [f"runtime.seed={seed}", f"runtime.max_minutes={train_seconds / 60:.3f}", *plan])
+    plan = plan_schedule(train_seconds, int(cfg.schedule.warmup_iters))
+    print(f"[demo] {train_seconds / 60:.1f} min of training, LR x{cfg.schedule.gamma} at "
+          f"{', '.join(f'{f:.0%}' for f in cfg.schedule.time_steps)} of it")
+    cfg = load_config(DEMO_CONFIG, [f"runtime.seed={seed}", *plan])
 
     run_dir = out / "train"
     if run_dir.is_dir():  # a demo is a fresh run each time; its budget and schedule are re-planned

@@ -27,6 +27,7 @@ from comask.engine.optim import (  # noqa: E402
     build_optimizer,
     build_scheduler,
     scaled_lr,
+    set_time_progress,
 )  # noqa: E402
 from comask.engine.train import NonFiniteLossError, OutputDirError, train  # noqa: E402
 from comask.errors import UserError  # noqa: E402
@@ -237,3 +238,104 @@ def test_time_budget_ends_training_like_max_iter(data_root: Path, tmp_path: Path
     assert [it for it, _ in list_checkpoints(tmp_path / "run")] == [1]
     done = [r for r in _records(tmp_path / "run") if r.get("event") == "done"]
     assert done and done[0]["stop_reason"] == "time_limit"
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told: simulated wall time, no sleeping."""
+
+    def __init__(self, start: float = 0.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TickPerStep(nn.Module):
+    """Wraps a detector; each training forward advances `clock` by `seconds` (a step's simulated cost),
+    and the `signal_at`-th one raises SIGINT (None = never)."""
+
+    def __init__(self, inner: nn.Module, clock: FakeClock, seconds: float, signal_at: int | None = None):
+        super().__init__()
+        self.inner, self.clock, self.seconds, self.signal_at, self.calls = inner, clock, seconds, signal_at, 0
+
+    def forward(self, images, targets=None):
+        if self.training:
+            self.calls += 1
+            self.clock.now += self.seconds
+            if self.calls == self.signal_at:
+                signal.raise_signal(signal.SIGINT)
+        return self.inner(images, targets)
+
+
+def test_time_schedule_lr_at_simulated_elapsed_times() -> None:
+    """Decays follow the fraction of the budget spent, whatever the iteration; warm-up follows iterations."""
+    sched_cfg = {"base_lr": 0.1, "ims_per_batch": 2, "base_batch": 2, "steps": [1], "gamma": 0.1,
+                 "by_time": True, "time_steps": [0.5, 0.9], "warmup_iters": 4, "warmup_factor": 0.5}
+    net = nn.Linear(2, 2)
+    opt = build_optimizer(net, sched_cfg)
+    sch = build_scheduler(opt, sched_cfg)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05), "warm-up starts at warmup_factor"
+    lrs = []
+    for fraction in (0.1, 0.2, 0.3, 0.49, 0.5, 0.89, 0.9, 1.0):
+        opt.step()
+        set_time_progress(sch, fraction)
+        sch.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    # iterations 1-3 warm up (0.0625, 0.075, 0.0875 x the base), schedule.steps=[1] is ignored
+    assert lrs == pytest.approx([0.0625, 0.075, 0.0875, 0.1, 0.01, 0.01, 0.001, 0.001])
+    # a decay during warm-up multiplies the warm-up factor
+    f = WarmupMultiStep(steps=[0.25], gamma=0.1, warmup_iters=4, warmup_factor=0.5, by_time=True)
+    f.progress = 0.3
+    assert f(2) == pytest.approx(0.075)
+    with pytest.raises(ConfigError, match="time_steps"):
+        WarmupMultiStep(steps=[0.5, 1.5], gamma=0.1, warmup_iters=0, warmup_factor=1.0, by_time=True)
+    with pytest.raises(ConfigError, match="time_steps must be increasing"):
+        WarmupMultiStep(steps=[0.9, 0.5], gamma=0.1, warmup_iters=0, warmup_factor=1.0, by_time=True)
+
+
+_BY_TIME = ("schedule.by_time=true", "schedule.time_steps=[0.5, 0.75]", "schedule.max_iter=1000",
+            "schedule.warmup_iters=0", "runtime.max_minutes=0.6", "runtime.checkpoint_period=100")
+
+
+def test_time_schedule_decays_and_stops_when_budget_spent(data_root: Path, tmp_path: Path) -> None:
+    """6 simulated seconds per step, a 36 s budget: LR x0.1 once half is spent, x0.01 at 3/4, stop at 36 s."""
+    clock = FakeClock(100.0)
+    cfg = tiny_cfg(data_root, *_BY_TIME)
+    res = train(cfg, tmp_path / "run", model_factory=lambda c: TickPerStep(tiny_maskrcnn(c), clock, 6.0),
+                clock=clock)
+    assert res["stop_reason"] == "time_limit" and res["exit_code"] == 0
+    assert res["iter"] == 6, "max_iter=1000 is only an upper bound: the budget ends the run"
+    assert res["elapsed_seconds"] == pytest.approx(36.0)
+    steps = [r for r in _records(tmp_path / "run") if "loss" in r]
+    # iteration k runs at the LR set after iteration k-1, when 6(k-1) of 36 s were spent
+    assert [r["lr"] for r in steps] == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.0001])
+    # the ETA points at the end of the budget, not at max_iter=1000 (real step times, simulated budget)
+    for r in steps[1:]:
+        assert 0.0 <= r["eta_seconds"] <= 36 - 6 * r["iter"] + 2 * r["time"], r
+    full = load_checkpoint(tmp_path / "run" / "model_0000006.pth")
+    assert full["elapsed_seconds"] == pytest.approx(36.0)
+    assert (tmp_path / "run" / "model_final.pth").is_file()
+
+
+def test_time_schedule_resume_continues_elapsed_time(data_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C after 3 steps (18 s), resume on a clock that reads something else entirely: the run goes on
+    from 18 s, so the LRs and the stop are those of the uninterrupted run."""
+    cfg = tiny_cfg(data_root, *_BY_TIME)
+    clock = FakeClock()
+    first = train(cfg, tmp_path / "run", clock=clock,
+                  model_factory=lambda c: TickPerStep(tiny_maskrcnn(c), clock, 6.0, signal_at=3))
+    assert first["stop_reason"] == "SIGINT" and first["iter"] == 3
+    assert load_checkpoint(tmp_path / "run" / "model_0000003.pth")["elapsed_seconds"] == pytest.approx(18.0)
+
+    clock = FakeClock(5000.0)
+    resumed = train(cfg, tmp_path / "run", resume=True, clock=clock,
+                    model_factory=lambda c: TickPerStep(tiny_maskrcnn(c), clock, 6.0))
+    assert resumed["stop_reason"] == "time_limit" and resumed["iter"] == 6
+    assert resumed["elapsed_seconds"] == pytest.approx(36.0)
+    lrs = {r["iter"]: r["lr"] for r in _records(tmp_path / "run") if "loss" in r}
+    assert [lrs[i] for i in range(1, 7)] == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.0001])
+
+
+def test_time_schedule_needs_a_budget(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="runtime.max_minutes"):
+        train(tiny_cfg(data_root, "schedule.by_time=true"), tmp_path / "run", model_factory=_never_called)

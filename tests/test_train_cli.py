@@ -55,7 +55,9 @@ def test_torchrun_two_processes_comask_cli(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "comask", "train", "--config", str(cfg), "--out", str(out), "--opts", *opts],
+         "-m", "comask", "train", "--config", str(cfg), "--out", str(out), "--opts", *opts,
+         # the time-based schedule's elapsed time is rank 0's, agreed in the per-step all-reduce
+         "schedule.by_time=true", "runtime.max_minutes=30"],
         capture_output=True, text=True, env=env, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -63,6 +65,8 @@ def test_torchrun_two_processes_comask_cli(tmp_path: Path) -> None:
     sync = [r for r in recs if r.get("event") == "ddp_sync"]
     assert sync and sync[0]["in_sync"] and len(set(sync[0]["digests"])) == 1 and len(sync[0]["digests"]) == 2
     assert [r["iter"] for r in recs if "loss" in r] == [1, 2, 3]
+    done = next(r for r in recs if r.get("event") == "done")
+    assert done["stop_reason"] == "completed" and 0 < done["elapsed_seconds"] < 30 * 60
     assert {"loss_mask", "loss_offset"} <= set(next(r for r in recs if "loss" in r)), "CoMask's own losses"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 4, "evaluation gathered all validation images across the two ranks"

@@ -94,6 +94,12 @@ class TrainLogger:
                 mininterval=0.5 if tty else 30.0, file=sys.stderr, leave=True,
             )
 
+    def set_max_iter(self, max_iter: int) -> None:
+        """Move the end point (a time-based schedule's estimate); the ETA and the bar follow it."""
+        self.max_iter = max_iter
+        if self._bar is not None:
+            self._bar.total = max_iter
+
     def iter_time(self, seconds: float) -> None:
         """Record one iteration's wall time (feeds the ETA)."""
         self._times.append(seconds)

@@ -2,6 +2,11 @@
 
 The schedule is a LambdaLR over a small callable object, so its whole state (warm-up, steps,
 gamma) goes into `scheduler.state_dict()` as plain numbers and a resumed run continues it exactly.
+
+The decays come at iterations (`schedule.steps`) or, with `schedule.by_time`, at fractions of the
+wall-clock budget `runtime.max_minutes` (`schedule.time_steps`): the trainer tells the schedule how
+much of the budget is spent (`set_time_progress`) before each `scheduler.step()`. Warm-up is always
+counted in iterations.
 """
 
 from __future__ import annotations
@@ -32,23 +37,33 @@ def scaled_lr(schedule: Mapping[str, Any]) -> float:
 
 class WarmupMultiStep:
     """LR factor at iteration `it`: linear warm-up from `warmup_factor` to 1 over `warmup_iters`,
-    times gamma ** (number of `steps` already passed)."""
+    times gamma ** (number of `steps` already passed).
 
-    def __init__(self, steps: Sequence[int], gamma: float, warmup_iters: int, warmup_factor: float):
-        steps = [int(s) for s in steps]
+    With `by_time`, `steps` are fractions of the time budget and are compared with `self.progress`
+    (the fraction spent, set from outside) instead of the iteration."""
+
+    def __init__(self, steps: Sequence[float], gamma: float, warmup_iters: int, warmup_factor: float,
+                 by_time: bool = False):
+        key = "time_steps" if by_time else "steps"
+        steps = [float(s) for s in steps] if by_time else [int(s) for s in steps]
         if steps != sorted(steps):
-            raise ConfigError(f"schedule.steps must be increasing, got {steps}")
+            raise ConfigError(f"schedule.{key} must be increasing, got {steps}")
+        if by_time and any(not 0.0 < s <= 1.0 for s in steps):
+            raise ConfigError(f"schedule.time_steps are fractions of runtime.max_minutes in (0, 1], got {steps}")
         self.steps = steps
         self.gamma = float(gamma)
         self.warmup_iters = int(warmup_iters)
         self.warmup_factor = float(warmup_factor)
+        self.by_time = bool(by_time)
+        self.progress = 0.0
 
     def __call__(self, it: int) -> float:
         factor = 1.0
         if it < self.warmup_iters:
             alpha = it / self.warmup_iters
             factor = self.warmup_factor * (1.0 - alpha) + alpha
-        return factor * self.gamma ** bisect_right(self.steps, it)
+        position = self.progress if self.by_time else it
+        return factor * self.gamma ** bisect_right(self.steps, position)
 
 
 def param_groups(
@@ -83,12 +98,22 @@ def build_optimizer(model: nn.Module, schedule: Mapping[str, Any]) -> torch.opti
 
 
 def _schedule_fn(schedule: Mapping[str, Any]) -> WarmupMultiStep:
+    by_time = bool(schedule.get("by_time"))
     return WarmupMultiStep(
-        steps=schedule.get("steps") or [],
+        steps=(schedule.get("time_steps") if by_time else schedule.get("steps")) or [],
         gamma=schedule.get("gamma", 0.1),
         warmup_iters=schedule.get("warmup_iters", 0) or 0,
         warmup_factor=schedule.get("warmup_factor", 1.0),
+        by_time=by_time,
     )
+
+
+def set_time_progress(scheduler: torch.optim.lr_scheduler.LambdaLR, fraction: float) -> None:
+    """By-time schedules: `fraction` of the wall-clock budget is spent; the next `scheduler.step()`
+    takes it into account. Iteration schedules ignore it."""
+    for fn in scheduler.lr_lambdas:
+        if isinstance(fn, WarmupMultiStep):
+            fn.progress = float(fraction)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
@@ -97,12 +122,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any
 
 
 def apply_schedule(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, schedule: Mapping[str, Any]
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, schedule: Mapping[str, Any],
+    progress: float = 0.0,
 ) -> None:
     """After restoring a checkpoint's scheduler state: keep its iteration count but take the LR,
     warm-up and steps from `schedule` (the current config), so extending a finished run with a
-    new max_iter/steps/base_lr does what the config says. A no-op for an unchanged config."""
+    new max_iter/steps/base_lr does what the config says. A no-op for an unchanged config.
+    `progress`: for by-time schedules, the fraction of the budget the restored run had spent."""
     fn = _schedule_fn(schedule)
+    fn.progress = float(progress)
     base = scaled_lr(schedule)
     scheduler.lr_lambdas = [fn for _ in optimizer.param_groups]
     scheduler.base_lrs = [base for _ in optimizer.param_groups]

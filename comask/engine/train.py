@@ -12,6 +12,11 @@ is re-seeded by the loader).
 
 Stopping: SIGINT/SIGTERM finish the current step, write a checkpoint and return exit code 130/143;
 `runtime.max_minutes` ends training like `max_iter` (checkpoint, model_final.pth, final evaluation).
+
+Time-based schedule (`schedule.by_time`): the LR decays when `schedule.time_steps` fractions of
+`runtime.max_minutes` are spent, and training ends when all of it is (`max_iter` is then only an
+upper bound). The elapsed time is saved in each checkpoint and a resumed run continues from it. The
+time is rank 0's; it travels with the per-step stop decision so every rank sees the same value.
 A non-finite loss raises NonFiniteLossError (no checkpoint is written after it) unless
 `runtime.skip_nonfinite` is set, which drops such steps and counts them.
 """
@@ -51,7 +56,13 @@ from comask.engine.checkpoint import (
     save_checkpoint,
 )
 from comask.engine.logging import TrainLogger, setup_console_logging
-from comask.engine.optim import apply_schedule, build_optimizer, build_scheduler, scaled_lr
+from comask.engine.optim import (
+    apply_schedule,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+    set_time_progress,
+)
 from comask.errors import CheckpointError, UserError
 
 log = logging.getLogger("comask.train")
@@ -315,9 +326,13 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     model_factory: Callable[[Config], nn.Module] | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """Train `cfg`'s model into `out_dir`; see the module docstring. Returns a summary dict:
-    iter, stop_reason, exit_code, checkpoint, final, best, metrics, nonfinite_skipped, model."""
+    iter, stop_reason, exit_code, checkpoint, final, best, metrics, nonfinite_skipped,
+    elapsed_seconds, model. `clock` (seconds, monotonic) measures the time budget; tests pass a
+    simulated one."""
     cfg = copy.deepcopy(cfg)
     out = Path(out_dir)
     rt = cfg.runtime
@@ -326,16 +341,22 @@ def train(
     if is_main:
         setup_console_logging()
     try:
-        return _train(cfg, out, resume, model_factory, info, is_main)
+        return _train(cfg, out, resume, model_factory, info, is_main, clock)
     finally:
         dist.cleanup(info)
 
 
 def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
-           info: dist.DistInfo, is_main: bool) -> dict[str, Any]:
-    t_start = time.monotonic()
+           info: dist.DistInfo, is_main: bool, clock: Callable[[], float]) -> dict[str, Any]:
+    t_start = clock()
     rt, sched = cfg.runtime, cfg.schedule
     world = info.world_size
+    by_time = bool(sched.get("by_time"))
+    if by_time and not rt.max_minutes:
+        raise ConfigError(
+            "schedule.by_time=true needs runtime.max_minutes (the budget whose fractions schedule.time_steps "
+            "are); set runtime.max_minutes, or schedule.by_time=false to decay at schedule.steps"
+        )
 
     # 1. Output directory, before anything expensive. Rank 0 decides; every rank raises the same error.
     problem = None
@@ -413,17 +434,21 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         if is_main:
             log.info("initialised from %s: %d tensors loaded, %d skipped", rt.load_from, len(report["loaded"]),
                      len(report["missing"]) + len(report["shape_mismatch"]))
+    max_seconds = float(rt.max_minutes) * 60.0 if rt.max_minutes else None
     optimizer = build_optimizer(model, sched)
     scheduler = build_scheduler(optimizer, sched)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     start_iter = 0
+    # Wall time of earlier sessions of this run: a by-time schedule continues from it.
+    prior_elapsed = float(ckpt.get("elapsed_seconds", 0.0)) if ckpt is not None else 0.0
     if ckpt is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
-            apply_schedule(optimizer, scheduler, sched)
+            apply_schedule(optimizer, scheduler, sched,
+                           progress=prior_elapsed / max_seconds if by_time and max_seconds else 0.0)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"{resume_path}: cannot restore the optimizer/scheduler state ({e}); it was written by another "
@@ -461,6 +486,9 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             cfg.get("name", "model"), device, len(train_ds), len(meta["classes"]), world,
             int(sched.ims_per_batch), scaled_lr(sched), start_iter, max_iter, out,
         )
+        if by_time:
+            log.info("time-based schedule: %.1f of %.1f minutes spent; LR x%s at %s of them; max_iter is an "
+                     "upper bound", prior_elapsed / 60, rt.max_minutes, sched.gamma, list(sched.time_steps))
     logger = TrainLogger(out, max_iter=max_iter, start_iter=start_iter, enabled=is_main,
                          tensorboard=bool(rt.tensorboard), progress=bool(rt.progress))
     if start_iter and is_main:
@@ -471,7 +499,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
     result: dict[str, Any] = {
         "out_dir": str(out), "iter": start_iter, "max_iter": max_iter, "stop_reason": "completed",
         "checkpoint": str(resume_path) if resume_path else None, "final": None, "best": None,
-        "metrics": None, "nonfinite_skipped": 0, "skipped_data": {},
+        "metrics": None, "nonfinite_skipped": 0, "skipped_data": {}, "elapsed_seconds": prior_elapsed,
     }
     best_score = _read_best_score(out) if is_main else None
 
@@ -483,6 +511,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         state = _weights_checkpoint(
             model, cfg, meta, it, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(), rng={"world_size": world, "ranks": rng},
+            elapsed_seconds=result["elapsed_seconds"],
         )
         path = save_checkpoint(state, out / checkpoint_name(it))
         prune_checkpoints(out, int(rt.keep_last))
@@ -518,7 +547,6 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
     log_period = max(int(rt.log_period), 1)
     ckpt_period = max(int(rt.checkpoint_period), 1)
     eval_period = int(rt.eval_period or 0)
-    max_seconds = float(rt.max_minutes) * 60.0 if rt.max_minutes else None
     clip = float(sched.clip_grad_norm) if sched.get("clip_grad_norm") else None
     skip_nonfinite = bool(rt.skip_nonfinite)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -540,16 +568,20 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             # all-reduce; the step is dropped below if any rank saw a bad value.
             scaler.scale(loss).backward()
 
-            reason = None
-            if stop.signal_name:
-                reason = stop.signal_name
-            elif max_seconds is not None and time.monotonic() - t_start >= max_seconds:
-                reason = "time_limit"
-            codes = {None: 0, "time_limit": 1, "SIGTERM": 2, "SIGINT": 3}
-            flags = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0, float(codes[reason])])
+            # One all-reduce agrees on the non-finite flag, the signal and the time: the other ranks
+            # contribute 0 seconds, so the max is rank 0's clock and every rank takes its decisions.
+            codes = {None: 0, "SIGTERM": 2, "SIGINT": 3}
+            flags = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0, float(codes[stop.signal_name]),
+                                  clock() - t_start if is_main else 0.0], dtype=torch.float64)
             if world > 1:
                 flags = dist.all_reduce_max(flags.to(device) if info.backend == "nccl" else flags).cpu()
             reason = {v: k for k, v in codes.items()}[int(flags[1].item())]
+            session_seconds = float(flags[2].item())
+            result["elapsed_seconds"] = prior_elapsed + session_seconds
+            # A by-time budget covers the whole run (all sessions); otherwise max_minutes is per session.
+            spent = result["elapsed_seconds"] if by_time else session_seconds
+            if reason is None and max_seconds is not None and spent >= max_seconds:
+                reason = "time_limit"
 
             values = {k: float(v.detach()) for k, v in loss_dict.items()}
             if flags[0].item() > 0:
@@ -576,6 +608,13 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                     window.setdefault(k, []).append(v)
                 window.setdefault("loss", []).append(float(loss.detach()))
             lr = optimizer.param_groups[0]["lr"]
+            if by_time:
+                set_time_progress(scheduler, spent / max_seconds)
+                # The logger's ETA counts iterations to max_iter, here only an upper bound: point it at
+                # the iteration where the budget should run out at the recent speed.
+                per_iter = logger.seconds_per_iter()
+                if math.isfinite(per_iter) and per_iter > 0:
+                    logger.set_max_iter(min(max_iter, it + 1 + int(max(max_seconds - spent, 0.0) / per_iter)))
             scheduler.step()
             it += 1
             result["iter"] = it
@@ -628,7 +667,8 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             if rt.final_eval:
                 result["metrics"] = run_eval(it, final=True)
             if is_main:
-                logger.event(it, "done", stop_reason=result["stop_reason"], seconds=time.monotonic() - t_start,
+                logger.event(it, "done", stop_reason=result["stop_reason"], seconds=clock() - t_start,
+                             elapsed_seconds=result["elapsed_seconds"],
                              nonfinite_skipped=result["nonfinite_skipped"], skipped_data=result["skipped_data"])
     finally:
         stop.restore()
