@@ -233,6 +233,8 @@ def _profile(fn: Any, top: int) -> list[dict[str, Any]]:
 
 def stage_times(spec: dict[str, Any]) -> dict[str, float]:
     """Seconds spent in each top-level stage (and the CoMask RoI-head steps) over one inference."""
+    from comask.modeling.msfem import msfem_levels
+
     cfg = _inference_cfg(spec)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -257,18 +259,16 @@ def stage_times(spec: dict[str, Any]) -> dict[str, float]:
     if body is not None:
         named["backbone.body"] = body
         named["backbone.fpn"] = model.backbone.fpn
-    if hasattr(model.backbone, "msfem"):
-        named["backbone.msfem"] = model.backbone.msfem
-        for k, m in model.backbone.msfem.items():
-            named[f"backbone.msfem.{k}"] = m
+    # both placements (in the FPN: its time is also inside backbone.fpn; after it: outside)
+    for path, m in msfem_levels(model.backbone).values():
+        named[f"backbone.{path}"] = m
     for k in ("cls_head", "collab_head", "box_head", "mask_head", "box_roi_pool", "mask_roi_pool",
               "cls_pooler", "collab_pooler", "mask_predictor"):
         m = getattr(model.roi_heads, k, None)
         if isinstance(m, torch.nn.Module):
             named[f"roi_heads.{k}"] = m
     for name, m in named.items():
-        if name != "backbone.msfem":  # a ModuleDict is never called itself; its levels are
-            wrap(name, m)
+        wrap(name, m)
     with torch.inference_mode():
         model([image])  # warm-up
         acc.clear()

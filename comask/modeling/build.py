@@ -12,7 +12,7 @@ from comask.config import ConfigError
 from comask.modeling.backbone import LEVEL_NAMES, build_resnet_fpn
 from comask.modeling.comask import CoMask
 from comask.modeling.maskrcnn import MaskRCNN, build_maskrcnn_roi_heads
-from comask.modeling.msfem import MFPN
+from comask.modeling.msfem import MFPN, PLACEMENTS, msfem_in_fpn
 from comask.modeling.pretrained import apply_pretrained
 from comask.modeling.roi_heads import build_comask_roi_heads
 
@@ -21,7 +21,12 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def build_backbone(cfg) -> nn.Module:
-    """ResNet-FPN (P2..P6), followed by MSFEMs on every level when model.msfem.branches > 0."""
+    """ResNet-FPN (P2..P6) with MSFEMs when model.msfem.branches > 0, placed per model.msfem.placement:
+    `in_fpn` (in place of the FPN's 3x3 output convs on P2..P5) or `after_fpn` (after every level P2..P6).
+
+    A config without `placement` (checkpoints saved before the key existed) means `after_fpn`, the
+    layout those checkpoints were trained with.
+    """
     m = cfg.model
     fpn = build_resnet_fpn(
         m.backbone.depth,
@@ -31,7 +36,13 @@ def build_backbone(cfg) -> nn.Module:
     )
     if m.msfem.branches == 0:
         return fpn
-    return MFPN(fpn, m.msfem.branches, residual=m.msfem.residual, reduction=m.msfem.attention_reduction)
+    placement = m.msfem.get("placement", "after_fpn")
+    args = (m.msfem.branches, m.msfem.residual, m.msfem.attention_reduction)
+    if placement == "in_fpn":
+        return msfem_in_fpn(fpn, *args)
+    if placement == "after_fpn":
+        return MFPN(fpn, *args)
+    raise ConfigError(f"model.msfem.placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
 
 
 def build_rpn(cfg, in_channels: int) -> RegionProposalNetwork:
