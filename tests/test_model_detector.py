@@ -142,7 +142,8 @@ def _expected_unused_msfem_params(model, image_hw) -> set[str]:
 @pytest.mark.parametrize("kind,branches", [("comask", 4), ("maskrcnn", 0)])
 def test_every_trainable_parameter_gets_a_finite_gradient(kind, branches):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(kind, branches))
+    # after_fpn: the MFPN layout that _expected_unused_msfem_params walks (in_fpn: tests/test_model_msfem.py)
+    model = build_model(tiny_cfg(kind, branches, "model.msfem.placement=after_fpn"))
     images, targets = _batch(((128, 128), (128, 128)))
     # the big box matches P6's 128 px anchors, so P6 (and its MSFEM) gets an RPN gradient
     targets[1] = _target(128, 128, [[20, 8, 70, 44], [2, 4, 126, 124]], [2, 1])
@@ -184,7 +185,7 @@ def test_eval_with_zero_detections(kind):
 
 
 def test_model_keeps_no_config_and_state_dict_is_tensors():
-    model = build_model(tiny_cfg("comask", 2))
+    model = build_model(tiny_cfg("comask", 2, "model.msfem.placement=after_fpn"))
     for mod in model.modules():
         assert not any(isinstance(v, Config) for v in vars(mod).values()), type(mod).__name__
     sd = model.state_dict()
@@ -193,7 +194,7 @@ def test_model_keeps_no_config_and_state_dict_is_tensors():
     torch.save(sd, buf)
     buf.seek(0)
     again = torch.load(buf, weights_only=True)
-    fresh = build_model(tiny_cfg("comask", 2))
+    fresh = build_model(tiny_cfg("comask", 2, "model.msfem.placement=after_fpn"))
     fresh.load_state_dict(again)
     assert torch.equal(fresh.backbone.msfem["p3"].fuse.weight, model.backbone.msfem["p3"].fuse.weight)
 
@@ -225,10 +226,12 @@ def test_baseline_is_torchvision_mask_rcnn_layout():
     assert ours.roi_heads.nms_thresh == ref.roi_heads.nms_thresh == 0.5
     assert ours.transform._skip_resize and ours.transform.min_size == (800,)
     comask = build_model(load_config("comask_r50_mfpn_2x_coco"))
-    shared = [k for k in a if k.startswith(("backbone.body.", "backbone.fpn.", "rpn."))]
+    # in_fpn (the default): MSFEMs replace the FPN's 3x3 output convs (fpn.layer_blocks), the rest is shared
+    shared = [k for k in a if k.startswith(("backbone.body.", "backbone.fpn.inner_blocks.", "rpn."))]
     cs = comask.state_dict()
     assert all(cs[k].shape == a[k].shape for k in shared)
-    assert len(comask.backbone.msfem) == 5 and len(comask.backbone.msfem["p2"].down) == 3
+    blocks = comask.backbone.fpn.layer_blocks
+    assert len(blocks) == 4 and all(len(b.down) == 3 for b in blocks)
 
 
 def test_shapes_bench_pair_differs_only_in_method():

@@ -29,6 +29,9 @@ from comask.modeling.pretrained import (
 SMALL_HEADS = [
     "model.rpn.pre_nms_top_n_test=50", "model.rpn.post_nms_top_n_test=20", "model.collab_head.conv_dim=16",
     "model.collab_head.num_convs=1", "model.msfem.branches=1", "model.mask_head.conv_dim=16",
+    # after_fpn keeps torchvision's FPN output convs, which these tests follow; the in_fpn default (whose
+    # MSFEMs replace them) is tested in tests/test_model_msfem.py
+    "model.msfem.placement=after_fpn",
 ]
 
 
