@@ -59,7 +59,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from comask.demo import run_demo
 
-    run_demo(a.out, minutes=a.minutes, seed=a.seed)
+    run_demo(a.out, minutes=a.minutes, seed=a.seed, num_train=a.num_train, num_val=a.num_val)
     return 0
 
 
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--minutes", type=float, default=15.0)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-train", type=int, default=None,
+                   help="a smaller demo set in OUT/data with this many training images (quick checks, CI)")
+    d.add_argument("--num-val", type=int, default=None, help="validation images of that smaller set")
     d.set_defaults(func=_cmd_demo)
 
     ex = sub.add_parser("export", help="export a model").add_subparsers(dest="export_format", required=True)

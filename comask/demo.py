@@ -34,7 +34,25 @@ def plan_schedule(train_seconds: float, warmup: int) -> list[str]:
     ]
 
 
-def run_demo(out: str | Path, minutes: float = 15.0, seed: int = 0) -> dict:
+def _small_data(out: Path, preset: str, num_train: int | None, num_val: int | None) -> list[str]:
+    """Write a smaller copy of the demo set under `out` (regenerated on every call: it is for quick
+    checks) and return the overrides that train and evaluate on it."""
+    from comask.data.synth import write_dataset
+
+    root = (out / "data").resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    write_dataset(root, num_train=num_train, num_val=num_val, preset=preset, verbose=False)
+    def split(name: str) -> str:  # JSON strings are YAML strings: any path survives the override parser
+        ann, images = json.dumps(str(root / "annotations" / f"{name}.json")), json.dumps(str(root / name))
+        return f"data.{name}={{ann: {ann}, images: {images}}}"
+
+    return [split("train"), split("val"), "data.synth=null"]
+
+
+def run_demo(out: str | Path, minutes: float = 15.0, seed: int = 0, num_train: int | None = None,
+             num_val: int | None = None) -> dict:
+    """The demo; `num_train`/`num_val` replace the standard demo set by a smaller one in `out/data`."""
     from comask.data.synth import ensure_synth
     from comask.engine.predict import Predictor, predict_paths
     from comask.engine.train import train
@@ -42,8 +60,14 @@ def run_demo(out: str | Path, minutes: float = 15.0, seed: int = 0) -> dict:
     t_start = time.monotonic()
     out = Path(out)
     budget = max(0.2, float(minutes)) * 60.0
-    cfg = load_config(DEMO_CONFIG, [f"runtime.seed={seed}"])
-    root = ensure_synth(cfg.data.synth.preset, cfg.data.synth.root)
+    base = [f"runtime.seed={seed}"]
+    cfg = load_config(DEMO_CONFIG, base)
+    if num_train is None and num_val is None:
+        root = ensure_synth(cfg.data.synth.preset, cfg.data.synth.root)
+    else:
+        base += _small_data(out, cfg.data.synth.preset, num_train, num_val)
+        cfg = load_config(DEMO_CONFIG, base)
+        root = Path(cfg.data.train.images).parent
     print(f"[demo] data: {root} ({cfg.model.num_classes} classes)")
 
     elapsed = time.monotonic() - t_start
@@ -51,7 +75,7 @@ def run_demo(out: str | Path, minutes: float = 15.0, seed: int = 0) -> dict:
     plan = plan_schedule(train_seconds, int(cfg.schedule.warmup_iters))
     print(f"[demo] {train_seconds / 60:.1f} min of training, LR x{cfg.schedule.gamma} at "
           f"{', '.join(f'{f:.0%}' for f in cfg.schedule.time_steps)} of it")
-    cfg = load_config(DEMO_CONFIG, [f"runtime.seed={seed}", *plan])
+    cfg = load_config(DEMO_CONFIG, [*base, *plan])
 
     run_dir = out / "train"
     if run_dir.is_dir():  # a demo is a fresh run each time; its budget and schedule are re-planned
