@@ -226,3 +226,22 @@ def test_model_failure_on_one_image_skips_only_that_image(tmp_path, capsys):
     rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert [Path(r["file_name"]).name for r in rows] == ["a.png", "c.png"]
     assert [r["category_id"] for r in rows] == [7, 7] and rows[0]["category_name"] == "box"
+
+
+def test_resolve_device_one_rule_for_train_eval_predict(monkeypatch: pytest.MonkeyPatch) -> None:
+    from comask.engine.predict import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(UserError, match=r"^runtime.device=cuda but CUDA is not available"):
+        resolve_device("cuda", setting="runtime.device")
+    with pytest.raises(UserError, match="--device: unknown device 'gpu'"):
+        resolve_device("gpu")
+    with pytest.raises(UserError, match="not supported"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    # under DDP each rank takes its own GPU
+    assert resolve_device("cuda", local_rank=3) == resolve_device("auto", local_rank=3) == torch.device("cuda", 3)
+    assert resolve_device("cpu", local_rank=3) == torch.device("cpu")

@@ -461,3 +461,33 @@ def test_cli_serve_reports_a_missing_checkpoint(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "nope.pth: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_decode_image_uses_the_data_readers_rules():
+    """Uploads go through comask.data.images: 16-bit PNGs are scaled (not clipped), EXIF orientation is
+    applied, and the side limit is checked from the header."""
+    from comask.serve.app import ApiError, decode_image
+
+    settings = ServeSettings(max_pixels=10_000, max_side=80)
+    deep = np.full((10, 20), 65535, np.uint16)
+    deep[:, :10] = 32768
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    rgb = decode_image(buf.getvalue(), settings)
+    assert rgb.shape == (10, 20, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0].tolist() == [127] * 3 and rgb[0, -1].tolist() == [255] * 3
+
+    img = Image.fromarray(np.zeros((10, 30, 3), np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: displayed as 10 wide, 30 high
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue(), settings).shape == (30, 10, 3)
+
+    with pytest.raises(ApiError) as e:
+        decode_image(png_bytes(np.zeros((5, 90, 3), np.uint8)), settings)  # 450 pixels, but 90 px wide
+    assert e.value.status == 413 and "90x5 pixels" in e.value.message
+    for bad, words in ((b"", "empty upload"), (b"GIF89a garbage", "could not decode")):
+        with pytest.raises(ApiError) as e:
+            decode_image(bad, settings)
+        assert e.value.status == 400 and words in e.value.message

@@ -9,10 +9,12 @@ PIL's own decompression-bomb limit is set to the same number so no other code pa
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,9 +34,10 @@ _PNG_END = b"IEND\xaeB`\x82"
 class ImageFileError(DataError):
     """An image file that cannot be used; `kind` is a stable code used by `comask data check`."""
 
-    def __init__(self, message: str, kind: str):
+    def __init__(self, message: str, kind: str, size: tuple[int, int] | None = None):
         super().__init__(message)
         self.kind = kind
+        self.size = size  # (width, height) from the header, for image_too_large
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,19 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageFileError(f"{path}: not a regular file", "unreadable_image")
     if st.st_size == 0:
         raise ImageFileError(f"{path}: zero-byte image file (re-copy or re-download it)", "empty_file")
+    return _open_image(path, path, max_pixels)
+
+
+def _open_image(source: Path | BinaryIO, path: Path | str, max_pixels: int,
+                max_side: int | None = None) -> Image.Image:
+    """Open a file or binary stream (`path` names it in messages), reading only the header."""
     if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         # a configured limit above the default raises PIL's own guard with it (never disables it)
         Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
     except UnidentifiedImageError:
         raise ImageFileError(f"{path}: not an image file (unknown format or corrupt header)", "not_an_image") from None
     except Image.DecompressionBombError:
@@ -84,8 +93,12 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageFileError(
             f"{path}: image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}; "
             "downscale or tile it (annotations must be scaled too)",
-            "image_too_large",
+            "image_too_large", size=(w, h),
         )
+    if max_side is not None and max(w, h) > max_side:
+        img.close()
+        raise ImageFileError(f"{path}: image is {w}x{h}, above the limit of {max_side} pixels a side; downscale it",
+                             "image_too_large", size=(w, h))
     if w <= 0 or h <= 0:
         img.close()
         raise ImageFileError(f"{path}: image header says size {w}x{h}", "corrupt_image")
@@ -143,7 +156,7 @@ def _verify(path: Path, max_pixels: int) -> None:
         img.close()
 
 
-def _load(img: Image.Image, path: Path) -> None:
+def _load(img: Image.Image, path: Path | str) -> None:
     try:
         img.load()
     except OSError as e:
@@ -180,7 +193,20 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image file to an (H, W, 3) uint8 RGB array with EXIF orientation applied."""
     path = Path(path)
-    img = _open(path, max_pixels)
+    return _decode(_open(path, max_pixels), path)
+
+
+def read_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS, *, max_side: int | None = None,
+                     name: str = "image") -> np.ndarray:
+    """`read_image` for an in-memory file (an upload): the same size limits, checked from the header
+    before any pixel is decoded (plus `max_side`), the same EXIF orientation and RGB conversion.
+    Errors are ImageFileErrors whose message starts with `name`."""
+    if not data:
+        raise ImageFileError(f"{name}: zero-byte image file", "empty_file")
+    return _decode(_open_image(io.BytesIO(data), name, max_pixels, max_side), name)
+
+
+def _decode(img: Image.Image, path: Path | str) -> np.ndarray:
     try:
         _load(img, path)
         try:

@@ -377,9 +377,7 @@ def evaluate_checkpoint(weights: str | Path, config: str | Path | None = None, o
 
     info = dist.init_distributed(str(device))
     try:
-        dev = resolve_device(device)
-        if dev.type == "cuda" and info.world_size > 1:
-            dev = torch.device("cuda", info.local_rank)
+        dev = resolve_device(device, local_rank=info.local_rank if info.world_size > 1 else None)
         return _evaluate_checkpoint(weights, config, opts, out_dir, dev, info.world_size > 1)
     finally:
         dist.cleanup(info)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from comask.engine.results import binarize_masks, encode_masks, to_numpy
+from comask.engine.results import binarize_masks, coco_rows, to_numpy
 from comask.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -92,15 +92,24 @@ def load_onnx_backend(path: str | Path, device: str = "cpu") -> Backend:
     return OnnxBackend(path, device=device)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None, *, local_rank: int | None = None,
+                   setting: str = "--device") -> torch.device:
+    """auto (CUDA when available), cpu, cuda or cuda:N -> a torch.device; the one device rule of the
+    package. Under DDP (`local_rank` given) every CUDA rank uses its own GPU, whatever index was
+    asked. Errors are UserErrors naming `setting` (the flag or config key the value came from)."""
+    if device is None or str(device).lower() == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(device)
+        dev = torch.device(str(device).lower() if isinstance(device, str) else device)
     except RuntimeError:
-        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
+        raise UserError(f"{setting}: unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"{setting}: device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{setting}={device} but CUDA is not available here; use cpu (or auto)")
+        if local_rank is not None:
+            return torch.device("cuda", local_rank)
     return dev
 
 
@@ -240,20 +249,9 @@ class Predictor:
 
 
 def instances_to_rows(inst: dict[str, Any], image_id: int, extra: dict[str, Any] | None = None) -> list[dict]:
-    """Predictor instances -> COCO results rows (RLE masks), `extra` merged into each row."""
-    rles = encode_masks(inst["masks"]) if len(inst["masks"]) else []
-    rows = []
-    for i in range(len(inst["scores"])):
-        x0, y0, x1, y1 = (float(v) for v in inst["boxes"][i])
-        row = {"image_id": int(image_id), "category_id": int(inst["category_ids"][i]),
-               "category_name": inst["class_names"][i],
-               "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-               "score": round(float(inst["scores"][i]), 5)}
-        if rles:
-            row["segmentation"] = rles[i]
-        row.update(extra or {})
-        rows.append(row)
-    return rows
+    """Predictor instances -> COCO results rows (RLE masks, `category_name`), `extra` merged into each row."""
+    return coco_rows(inst["boxes"], inst["scores"], inst["category_ids"], inst["masks"], image_id=image_id,
+                     fields={"category_name": inst["class_names"]}, extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -61,6 +61,44 @@ def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[in
     return boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
 
 
+def coco_rows(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    category_ids: Sequence[int],
+    masks: np.ndarray | None = None,
+    *,
+    image_id: int | None = None,
+    fields: Mapping[str, Sequence[Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    with_area: bool = False,
+) -> list[dict]:
+    """N instances -> COCO results rows; the one place rows are built.
+
+    Each row: `image_id` (when given), `category_id`, `bbox` [x, y, w, h] (from xyxy `boxes`, rounded
+    to 0.01 px), `score` (5 decimals), `segmentation` (RLE with str counts, when `masks` (N, H, W) bool
+    are given), `area` (mask pixels, with `with_area`), then the i-th value of each `fields` entry
+    (per-instance extras such as class names) and the `extra` items (the same in every row).
+    """
+    rles = encode_masks(masks) if masks is not None and len(masks) else []
+    areas = masks.reshape(len(masks), -1).sum(axis=1) if with_area and rles else None
+    fields = dict(fields or {})
+    rows = []
+    for i in range(len(scores)):
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        row: dict[str, Any] = {} if image_id is None else {"image_id": int(image_id)}
+        row["category_id"] = int(category_ids[i])
+        row["bbox"] = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+        row["score"] = round(float(scores[i]), 5)
+        if rles:
+            row["segmentation"] = rles[i]
+        if areas is not None:
+            row["area"] = int(areas[i])
+        row.update({k: v[i] for k, v in fields.items()})
+        row.update(extra or {})
+        rows.append(row)
+    return rows
+
+
 def output_to_rows(
     output: Mapping[str, Any],
     image_id: int,
@@ -86,26 +124,9 @@ def output_to_rows(
         raise ValueError(f"model produced label {int(labels.max())} outside 1..{len(cat_ids)} (class count mismatch)")
     if image_size is not None and orig_size is not None and tuple(image_size) != tuple(orig_size):
         boxes = scale_boxes(boxes, image_size, orig_size)
-    rles: list[dict] = []
+    masks = None
     if "masks" in output:
-        masks = output["masks"]
-        if isinstance(masks, torch.Tensor):
-            masks = masks[torch.from_numpy(keep)]
-        else:
-            masks = np.asarray(masks)[keep]
-        rles = encode_masks(binarize_masks(masks, orig_size))
-    rows = []
-    extra = dict(extra or {})
-    for i in range(len(scores)):
-        x0, y0, x1, y1 = (float(v) for v in boxes[i])
-        row = {
-            "image_id": int(image_id),
-            "category_id": int(cat_ids[labels[i] - 1]),
-            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-            "score": round(float(scores[i]), 5),
-        }
-        if rles:
-            row["segmentation"] = rles[i]
-        row.update(extra)
-        rows.append(row)
-    return rows
+        m = output["masks"]
+        m = m[torch.from_numpy(keep)] if isinstance(m, torch.Tensor) else np.asarray(m)[keep]
+        masks = binarize_masks(m, orig_size)
+    return coco_rows(boxes, scores, [cat_ids[i - 1] for i in labels], masks, image_id=image_id, extra=extra)

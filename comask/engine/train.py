@@ -236,19 +236,6 @@ def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.de
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_device(requested: str | None, info: dist.DistInfo) -> torch.device:
-    req = (requested or "auto").lower()
-    if req == "auto":
-        req = "cuda" if torch.cuda.is_available() else "cpu"
-    if req.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("runtime.device=cuda but CUDA is not available here; set runtime.device=cpu or auto")
-        return torch.device("cuda", info.local_rank if info.world_size > 1 else torch.cuda.current_device())
-    if req != "cpu":
-        raise ConfigError(f"runtime.device must be auto, cpu or cuda, got {requested!r}")
-    return torch.device("cpu")
-
-
 def _amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     if amp in (None, "", "none", False):
         return None
@@ -389,7 +376,9 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    device = _resolve_device(rt.device, info)
+    from comask.engine.predict import resolve_device
+
+    device = resolve_device(rt.device, local_rank=info.local_rank if world > 1 else None, setting="runtime.device")
     amp_dtype = _amp_dtype(rt.amp, device)
 
     # 3. Data (the synthetic set is generated once, by rank 0).
@@ -610,15 +599,16 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             lr = optimizer.param_groups[0]["lr"]
             if by_time:
                 set_time_progress(scheduler, spent / max_seconds)
-                # The logger's ETA counts iterations to max_iter, here only an upper bound: point it at
-                # the iteration where the budget should run out at the recent speed.
-                per_iter = logger.seconds_per_iter()
-                if math.isfinite(per_iter) and per_iter > 0:
-                    logger.set_max_iter(min(max_iter, it + 1 + int(max(max_seconds - spent, 0.0) / per_iter)))
             scheduler.step()
             it += 1
             result["iter"] = it
             logger.iter_time(time.perf_counter() - t0)
+            if by_time:
+                # The logger's ETA counts iterations to max_iter, here only an upper bound: point it at
+                # the iteration where the budget should run out at the recent speed.
+                per_iter = logger.seconds_per_iter()
+                if math.isfinite(per_iter) and per_iter > 0:
+                    logger.set_max_iter(min(max_iter, it + int(max(max_seconds - spent, 0.0) / per_iter)))
             logger.advance()
 
             # An all-skipped window has nothing to report (the same on every rank: the skip is agreed).

@@ -12,7 +12,6 @@ it is full the server answers 503 at once instead of piling up work it cannot fi
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import queue
@@ -28,7 +27,6 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -167,36 +165,32 @@ class GuardMiddleware:
 
 
 def decode_image(data: bytes, settings: ServeSettings) -> np.ndarray:
-    """Bytes -> HxWx3 uint8 RGB, with the EXIF orientation applied (as browsers display it)."""
-    if not data:
-        raise ApiError(400, "empty upload: send an image file in the 'file' form field")
+    """Bytes -> HxWx3 uint8 RGB through the data layer's reader (EXIF orientation applied, as browsers
+    display it; sizes checked from the header before decoding), its errors as 400/413 answers."""
+    from comask.data.images import ImageFileError, read_image_bytes
+
     try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ApiError(413, "image has too many pixels") from None
-    except Exception:
-        raise ApiError(400, "could not decode the upload as an image (PNG, JPEG, WebP, BMP, GIF, TIFF)") from None
-    # Image.open reads only the header, so the size is known before any pixels are decoded.
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise ApiError(400, f"image has an empty size {w}x{h}")
-    if w * h > settings.max_pixels or max(w, h) > settings.max_side:
-        raise ApiError(
-            413, f"image is {w}x{h} pixels: the limit is {settings.max_pixels} pixels and "
-            f"{settings.max_side} per side; resize it first")
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        rgb = img.convert("RGB")
-    except Exception:
-        raise ApiError(400, "the image file is truncated or corrupt and could not be decoded") from None
-    return np.asarray(rgb, dtype=np.uint8)
+        return read_image_bytes(data, settings.max_pixels, max_side=settings.max_side, name="upload")
+    except ImageFileError as e:
+        if e.kind == "image_too_large":
+            size = f"{e.size[0]}x{e.size[1]} pixels" if e.size else "too large"
+            raise ApiError(413, f"image is {size}: the limit is {settings.max_pixels} pixels and "
+                                f"{settings.max_side} per side; resize it first") from None
+        raise ApiError(400, _UPLOAD_ERRORS.get(e.kind, _UPLOAD_ERRORS["corrupt_image"])) from None
+
+
+_UPLOAD_ERRORS = {
+    "empty_file": "empty upload: send an image file in the 'file' form field",
+    "not_an_image": "could not decode the upload as an image (PNG, JPEG, WebP, BMP, GIF, TIFF)",
+    "corrupt_image": "the image file is truncated or corrupt and could not be decoded",
+}
 
 
 def instances_to_json(inst: dict[str, Any], score_thr: float, max_det: int) -> list[dict[str, Any]]:
-    """Instances (numpy) -> COCO results rows (without image_id), best score first."""
+    """Instances (numpy) -> COCO results rows (without image_id; with `id`, `label`, `class_name`
+    and the mask `area`), best score first."""
     # Imported here: it pulls in torch, and `comask serve` should reject a bad path before that.
-    from comask.engine.results import encode_masks
+    from comask.engine.results import coco_rows
 
     scores = np.asarray(inst["scores"], dtype=np.float64).reshape(-1)
     order = np.argsort(-scores, kind="stable")
@@ -206,24 +200,10 @@ def instances_to_json(inst: dict[str, Any], score_thr: float, max_det: int) -> l
     boxes = np.asarray(inst["boxes"], dtype=np.float64).reshape(-1, 4)[order]
     labels = np.asarray(inst["labels"]).reshape(-1)[order]
     cat_ids = np.asarray(inst.get("category_ids", inst["labels"])).reshape(-1)[order]
-    names = [inst["class_names"][i] for i in order]
     masks = np.asarray(inst["masks"])[order].astype(bool)
-    rles = encode_masks(masks)
-    areas = masks.reshape(masks.shape[0], -1).sum(axis=1)
-    rows = []
-    for k in range(order.size):
-        x1, y1, x2, y2 = boxes[k].tolist()
-        rows.append({
-            "id": k,
-            "category_id": int(cat_ids[k]),
-            "label": int(labels[k]),
-            "class_name": str(names[k]),
-            "score": round(float(scores[order[k]]), 5),
-            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-            "area": int(areas[k]),
-            "segmentation": {"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"]},
-        })
-    return rows
+    fields = {"id": range(order.size), "label": [int(v) for v in labels],
+              "class_name": [str(inst["class_names"][i]) for i in order]}
+    return coco_rows(boxes, scores[order], cat_ids, masks, fields=fields, with_area=True)
 
 
 class InferenceWorker:
