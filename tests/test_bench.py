@@ -38,6 +38,10 @@ def test_speed_json_is_well_formed() -> None:
         lat = m["latency_s"]
         assert 0 < lat["min"] <= lat["median"] <= lat["max"]
         assert len(m["times_s"]) == 2
+        cpu = m["cpu_s"]
+        assert len(m["cpu_times_s"]) == 2 and 0 < cpu["min"] <= cpu["median"] <= cpu["max"]
+        # one thread: the process cannot use more CPU time than wall time (small slack for clock granularity)
+        assert all(c <= t * 1.05 + 0.01 for c, t in zip(m["cpu_times_s"], m["times_s"]))
         assert m["size"] == [64, 96] and m["threads"] == 1 and m["batch"] == 1
         assert m["params"] > 1_000_000 and m["gflops"] > 0.01
         assert 50 < m["peak_rss_mb"] < 20_000
@@ -49,6 +53,8 @@ def test_speed_json_is_well_formed() -> None:
     r = rep["ratio"]
     assert math.isclose(r["latency"], a["latency_s"]["median"] / b["latency_s"]["median"])
     assert math.isclose(r["peak_rss"], a["peak_rss_mb"] / b["peak_rss_mb"])
+    assert math.isclose(r["cpu"], a["cpu_s"]["median"] / b["cpu_s"]["median"])
+    assert math.isclose(r["latency_min"], a["latency_s"]["min"] / b["latency_s"]["min"])
     assert rep["machine"]["cores"] >= 1 and rep["machine"]["date"]
 
 
@@ -60,7 +66,7 @@ def test_speed_train_step_json() -> None:
     (m,) = rep["models"]
     assert "ratio" not in rep
     assert m["mode"] == "train" and m["batch"] == 1 and m["size"] == [64, 64]
-    assert m["latency_s"]["median"] > 0 and m["gflops"] > 0
+    assert m["latency_s"]["median"] > 0 and m["gflops"] > 0 and m["cpu_s"]["median"] > 0
 
 
 def test_parse_size() -> None:

@@ -119,41 +119,51 @@ def _train_batch(cfg: Any, seed: int = 0) -> tuple[list[torch.Tensor], list[dict
     return images, targets
 
 
-def _timed(fn: Any, repeats: int, warmup: int) -> list[float]:
+def _timed(fn: Any, repeats: int, warmup: int, cpu_times: list[float] | None = None) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
     return times
 
 
-def timed_sgd_steps(model: torch.nn.Module, next_batch: Any, repeats: int, warmup: int) -> list[float]:
+def timed_sgd_steps(
+    model: torch.nn.Module, next_batch: Any, repeats: int, warmup: int, cpu_times: list[float] | None = None
+) -> list[float]:
     """Seconds of `repeats` SGD steps (forward, backward, update) after `warmup` untimed ones.
 
     `next_batch()` -> (images, targets) is called outside the timed region, so a data loader's time
     is not counted. Used by `bench speed --train` (one fixed batch) and `comask demo` (its loader).
+    `cpu_times`, if given, receives each timed step's process CPU seconds.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
 
     def step() -> None:
         images, targets = next_batch()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
 
     times: list[float] = []
+    cpus: list[float] = []
     for _ in range(warmup):
         step()
     times.clear()
+    cpus.clear()
     for _ in range(repeats):
         step()
+    if cpu_times is not None:
+        cpu_times.extend(cpus)
     return times
 
 
@@ -165,6 +175,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     mode = spec.get("mode", "inference")
+    # Process CPU seconds beside wall seconds: with one thread on a machine that other jobs share, the
+    # CPU time leaves out the time this process waited for a core (see docs/BENCHMARKS.md).
+    cpu_times: list[float] = []
     if mode == "inference":
         cfg = _inference_cfg(spec)
         model = _load_model(spec, cfg).eval()
@@ -177,14 +190,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
         out = step()  # first call: allocations, also tells how many detections the RoI heads handled
         detections = int(out[0]["boxes"].shape[0])
-        times = _timed(step, int(spec["repeats"]), max(0, int(spec["warmup"]) - 1))
+        times = _timed(step, int(spec["repeats"]), max(0, int(spec["warmup"]) - 1), cpu_times)
         flops_fn = step
         size_desc = [h, w]
     elif mode == "train":
         cfg = load_config(spec["config"], list(spec.get("opts") or []))
         model = _load_model(spec, cfg).train()
         images, targets = _train_batch(cfg)
-        times = timed_sgd_steps(model, lambda: (images, targets), int(spec["repeats"]), int(spec["warmup"]))
+        times = timed_sgd_steps(model, lambda: (images, targets), int(spec["repeats"]), int(spec["warmup"]),
+                                cpu_times)
         detections = None
 
         def flops_fn() -> Any:
@@ -207,6 +221,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "latency_s": {"median": statistics.median(times), "min": min(times), "max": max(times)},
         "times_s": times,
+        "cpu_s": {"median": statistics.median(cpu_times), "min": min(cpu_times), "max": max(cpu_times)},
+        "cpu_times_s": cpu_times,
         "params": sum(p.numel() for p in model.parameters()),
         "detections": detections,
     }
@@ -331,6 +347,8 @@ def run_speed(
         a, b = models
         report["ratio"] = {
             "latency": _ratio(a["latency_s"]["median"], b["latency_s"]["median"]),
+            "latency_min": _ratio(a["latency_s"]["min"], b["latency_s"]["min"]),
+            "cpu": _ratio(a["cpu_s"]["median"], b["cpu_s"]["median"]),
             "peak_rss": _ratio(a["peak_rss_mb"], b["peak_rss_mb"]),
             "gflops": _ratio(a["gflops"], b["gflops"]),
             "params": _ratio(a["params"], b["params"]),
@@ -342,8 +360,8 @@ def format_report(report: dict[str, Any]) -> str:
     models = report["models"]
     what = "train step (s)" if models and models[0]["mode"] == "train" else "latency (s)"
     lines = [
-        f"| config | size | threads | {what} median | min | max | params (M) | GFLOPs | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| config | size | threads | {what} median | min | max | CPU (s) median | params (M) | GFLOPs | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in models:
         lat = m["latency_s"]
@@ -352,14 +370,15 @@ def format_report(report: dict[str, Any]) -> str:
             size += f" x{m['batch']}"
         lines.append(
             f"| {m['config']} | {size} | {m['threads']} | {lat['median']:.3f} | {lat['min']:.3f} | "
-            f"{lat['max']:.3f} | {m['params'] / 1e6:.2f} | {m['gflops']:.1f} | {m['peak_rss_mb']:.0f} |"
+            f"{lat['max']:.3f} | {m['cpu_s']['median']:.3f} | {m['params'] / 1e6:.2f} | {m['gflops']:.1f} | "
+            f"{m['peak_rss_mb']:.0f} |"
         )
     r = report.get("ratio")
     if r:
         lines.append("")
         lines.append(
-            f"A/B: latency {r['latency']:.3f}x, peak RSS {r['peak_rss']:.3f}x, "
-            f"GFLOPs {r['gflops']:.3f}x, params {r['params']:.3f}x"
+            f"A/B: latency {r['latency']:.3f}x (of minima {r['latency_min']:.3f}x, of CPU time {r['cpu']:.3f}x), "
+            f"peak RSS {r['peak_rss']:.3f}x, GFLOPs {r['gflops']:.3f}x, params {r['params']:.3f}x"
         )
     for m in models:
         for row in m.get("profile") or []:
