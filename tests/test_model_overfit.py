@@ -107,7 +107,8 @@ def overfit(
         "model.rpn.pre_nms_top_n_train=300", "model.rpn.post_nms_top_n_train=150",
         "model.rpn.pre_nms_top_n_test=150", "model.rpn.post_nms_top_n_test=100",
         "model.roi.batch_size_per_image=64", "model.box_head.fc_dim=256",
-        "model.collab_head.conv_dim=64", "model.collab_head.max_pos_per_image=32", "model.mask_head.conv_dim=64",
+        "model.collab_head.conv_dim=64", "model.collab_head.num_convs=4", "model.collab_head.max_pos_per_image=32",
+        "model.mask_head.conv_dim=64",
         "model.test.detections_per_img=20", f"input.min_size_test={SIZE}", f"input.max_size_test={SIZE}",
     ])
     model = build_model(cfg)
@@ -151,17 +152,30 @@ def test_maskrcnn_overfits_four_images():
     assert ap >= 0.7, f"mask AP {ap:.3f} after {seconds:.0f} s of training"
 
 
+@pytest.fixture(scope="module")
+def comask_overfit() -> tuple[float, float]:
+    return overfit("comask", iters=160)
+
+
+@pytest.mark.slow
+def test_comask_learns_four_images(comask_overfit):
+    """The bar CoMask must clear while the issue's 0.8 is not met: a broken vote, mask paste or target encoding
+    stays below 0.3 (session 1 measured 0.0-0.25 for such bugs); session 2 measured 0.63-0.65."""
+    ap, seconds = comask_overfit
+    assert ap >= 0.5, f"mask AP {ap:.3f} after {seconds:.0f} s of training"
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 3: after exp offsets + Kaiming mask readout (no more dead offsets; AP 0.30-0.41 after 120 "
-    "iterations, was 0.16-0.25), CoMask's detections are still the proposals the classifier scores ~1.0, most at "
-    "IoU 0.50-0.55 with the object (no box regression in the classification head), and the vote moves them "
-    "little (voted IoU 0.50-0.66): the dense offsets learn the RoI-box prior first (cell IoU 0.87 on ground-"
-    "truth boxes, ~0.45 on jittered training RoIs), so the second-pass masks are cropped (mask IoU 0.5-0.75)",
+    reason="issue 3: with the 4-conv collaborative tower and offset init std 0.01 (session 2) CoMask reaches mask AP "
+    "0.63-0.65 after 160 iterations (was 0.30-0.41 with 9 convs after 120): voted boxes are now at IoU 0.82-0.96, "
+    "but the coarse masks, decoded from the 7x7 tower through two deconvs, learn ~2x slower than Mask R-CNN's "
+    "14x14 mask head (BCE 0.16 vs 0.07 at iteration 100-160). Tried without gain: mask loss weight 2, lr 0.04, "
+    "tower width 128, offset loss weight 6, padding the mask RoI, voting 2-3 times",
     strict=False,
 )
-def test_comask_overfits_four_images():
-    ap, seconds = overfit("comask", iters=120)
+def test_comask_overfits_four_images(comask_overfit):
+    ap, seconds = comask_overfit
     assert ap >= 0.8, f"mask AP {ap:.3f} after {seconds:.0f} s of training"
 
 
