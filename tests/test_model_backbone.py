@@ -8,8 +8,15 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.ops import FrozenBatchNorm2d
 
+from comask.config import ConfigError
 from comask.errors import CheckpointError
-from comask.modeling.backbone import build_resnet, build_resnet_fpn, freeze_stages, load_backbone_weights
+from comask.modeling.backbone import (
+    build_backbone_fpn,
+    build_resnet,
+    build_resnet_fpn,
+    freeze_stages,
+    load_backbone_weights,
+)
 
 
 @pytest.mark.parametrize("norm,cls", [("frozen_bn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d), ("gn", nn.GroupNorm)])
@@ -87,3 +94,35 @@ def test_load_weights_errors(tmp_path):
     torch.save({"a": torch.zeros(1)}, junk)
     with pytest.raises(CheckpointError, match="no key"):
         load_backbone_weights(build_resnet(18, "bn"), junk)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "mobilenet_v3_small"])
+def test_mobilenet_pyramid_strides_and_width(name):
+    """The small CPU bodies give the same five levels (strides 4..64) as the ResNets."""
+    fpn = build_backbone_fpn(name, 18, out_channels=32, norm="bn", frozen_stages=0).eval()
+    with torch.no_grad():
+        out = fpn(torch.zeros(1, 3, 128, 192))
+    assert list(out) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(v.shape) for v in out.values()] == [
+        (1, 32, 128 // s, 192 // s) for s in (4, 8, 16, 32)
+    ] + [(1, 32, 2, 3)]
+
+
+def test_backbone_name_errors():
+    with pytest.raises(ConfigError, match="model.backbone.name"):
+        build_backbone_fpn("vgg16", 18)
+    with pytest.raises(ConfigError, match="ResNets only"):
+        build_backbone_fpn("mobilenet_v3_small", 18, frozen_stages=1)
+
+
+def test_demo_model_fits_ten_megabytes():
+    """Issue 8's pretrained route: the demo's checkpoint must stay <= 10 MB with its floats in fp16."""
+    import io
+
+    from comask.config import load_config
+    from comask.modeling import build_model
+
+    model = build_model(load_config("comask_mnv3_mfpn_shapes_demo_pretrain"))
+    buf = io.BytesIO()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, buf)
+    assert len(buf.getvalue()) < 9.5e6  # leaves room for the config and metadata in the file

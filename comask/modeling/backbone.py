@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet
+from torchvision.models import mobilenetv3, resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from comask.config import ConfigError
 from comask.errors import CheckpointError
 
 _RESNETS: dict[int, Callable[..., resnet.ResNet]] = {
@@ -29,6 +30,13 @@ NORMS = ("frozen_bn", "bn", "gn")
 # names of the FPN inputs (C2..C5) and, in order, the pyramid levels the FPN returns (P2..P6)
 _RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6")
+# MobileNetV3 `features` blocks whose outputs are C2..C5 (strides 4, 8, 16, 32) and their channels: small CPU
+# models (the demo's <= 10 MB checkpoint) keep the same five pyramid levels as the ResNets
+_MOBILENETS: dict[str, tuple[Callable[..., mobilenetv3.MobileNetV3], dict[str, str], list[int]]] = {
+    "mobilenet_v3_large": (mobilenetv3.mobilenet_v3_large, {"3": "0", "6": "1", "12": "2", "16": "3"}, [24, 40, 112, 960]),
+    "mobilenet_v3_small": (mobilenetv3.mobilenet_v3_small, {"1": "0", "3": "1", "8": "2", "12": "3"}, [16, 24, 48, 576]),
+}
+BACKBONES = ("resnet", *_MOBILENETS)
 
 
 def gn_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -148,5 +156,31 @@ def build_resnet_fpn(
     in_channels = [c5 // 8, c5 // 4, c5 // 2, c5]
     return BackboneWithFPN(
         net, return_layers=_RETURN_LAYERS, in_channels_list=in_channels, out_channels=out_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def build_backbone_fpn(
+    name: str,
+    depth: int,
+    out_channels: int = 256,
+    norm: str = "frozen_bn",
+    frozen_stages: int = 1,
+    weights: str | Path | None = None,
+) -> BackboneWithFPN:
+    """`model.backbone.name`: a ResNet of `depth` (build_resnet_fpn) or a torchvision MobileNetV3, each with
+    FPN P2..P5 + P6 of `out_channels` and the same output keys."""
+    if name == "resnet":
+        return build_resnet_fpn(depth, out_channels, norm, frozen_stages, weights)
+    if name not in _MOBILENETS:
+        raise ConfigError(f"model.backbone.name must be one of {', '.join(BACKBONES)}, got {name!r}")
+    if frozen_stages or weights:
+        raise ConfigError(
+            f"model.backbone.frozen_stages / weights apply to ResNets only: set them to 0 / null for {name}"
+        )
+    factory, return_layers, in_channels = _MOBILENETS[name]
+    features = factory(weights=None, norm_layer=_norm_layer(norm)).features
+    return BackboneWithFPN(
+        features, return_layers=return_layers, in_channels_list=in_channels, out_channels=out_channels,
         extra_blocks=LastLevelMaxPool(),
     )

@@ -9,7 +9,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from comask.config import ConfigError
-from comask.modeling.backbone import LEVEL_NAMES, build_resnet_fpn
+from comask.modeling.backbone import LEVEL_NAMES, build_backbone_fpn
 from comask.modeling.comask import CoMask
 from comask.modeling.maskrcnn import MaskRCNN, build_maskrcnn_roi_heads
 from comask.modeling.msfem import MFPN, PLACEMENTS, msfem_in_fpn
@@ -28,7 +28,8 @@ def build_backbone(cfg) -> nn.Module:
     layout those checkpoints were trained with.
     """
     m = cfg.model
-    fpn = build_resnet_fpn(
+    fpn = build_backbone_fpn(
+        m.backbone.get("name", "resnet"),
         m.backbone.depth,
         out_channels=m.fpn.channels,
         norm=m.backbone.norm,
