@@ -59,7 +59,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from comask.demo import run_demo
 
-    run_demo(a.out, minutes=a.minutes, seed=a.seed, num_train=a.num_train, num_val=a.num_val)
+    run_demo(a.out, minutes=a.minutes, seed=a.seed, num_train=a.num_train, num_val=a.num_val,
+             from_scratch=a.from_scratch)
     return 0
 
 
@@ -74,6 +75,13 @@ def _cmd_export_torchscript(a: argparse.Namespace) -> int:
     from comask.export.torchscript import export_torchscript
 
     export_torchscript(a.weights, a.out, config=a.config, size=a.size)
+    return 0
+
+
+def _cmd_export_weights(a: argparse.Namespace) -> int:
+    from comask.export.weights import export_weights
+
+    export_weights(a.weights, a.out, half=a.half, config=a.config, opts=a.opts)
     return 0
 
 
@@ -150,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-train", type=int, default=None,
                    help="a smaller demo set in OUT/data with this many training images (quick checks, CI)")
     d.add_argument("--num-val", type=int, default=None, help="validation images of that smaller set")
+    d.add_argument("--from-scratch", action="store_true",
+                   help="train the ResNet-18 demo model from random weights instead of fine-tuning the shipped "
+                        "checkpoint (for comparison; far lower AP in the same minutes)")
     d.set_defaults(func=_cmd_demo)
 
     ex = sub.add_parser("export", help="export a model").add_subparsers(dest="export_format", required=True)
@@ -166,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--out", required=True)
     ts.add_argument("--size", default=None, help="HxW size to trace at (default: the config's test size)")
     ts.set_defaults(func=_cmd_export_torchscript)
+    w = ex.add_parser("weights", help="slim weights-only checkpoint (model, config, class names; no optimizer)")
+    w.add_argument("--weights", required=True, help="a training checkpoint (.pth)")
+    w.add_argument("--out", required=True)
+    w.add_argument("--half", action="store_true", help="store floating-point tensors as float16 (half the size)")
+    w.add_argument("--config", default=None, help="config to store (default: the one in the checkpoint)")
+    w.add_argument("--opts", nargs="*", default=[], help="overrides key.sub=value applied to that config")
+    w.set_defaults(func=_cmd_export_weights)
 
     sv = sub.add_parser("serve", help="HTTP inference service with a web page")
     sv.add_argument("--weights", required=True)
