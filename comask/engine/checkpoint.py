@@ -167,6 +167,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
+def checkpoint_config(ckpt: Mapping[str, Any], source: str | Path, config: str | Path | None = None,
+                      opts: list[str] | None = None):
+    """The config to build a checkpoint's model with: `config` (+ `opts`) when given, else the resolved config
+    the checkpoint stores (+ `opts`); a bare state_dict without `config` is a CheckpointError."""
+    from comask.config import apply_overrides, config_from_dict, load_config
+
+    if config is not None:
+        return load_config(config, opts)
+    if isinstance(ckpt.get("config"), dict):
+        return config_from_dict(apply_overrides(dict(ckpt["config"]), opts))
+    raise CheckpointError(f"{source}: checkpoint stores no config (a bare state_dict?); pass --config")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

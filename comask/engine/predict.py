@@ -125,18 +125,12 @@ class LoadedModel:
 def load_model(weights: str | Path, config: str | Path | None = None, opts: list[str] | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Checkpoint (+ optional config override) -> model on device in eval mode, config, classes, cat ids."""
-    from comask.config import apply_overrides, config_from_dict, load_config
-    from comask.engine.checkpoint import load_checkpoint, load_model_weights
+    from comask.engine.checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from comask.errors import CheckpointError
     from comask.modeling.build import build_model
 
     ckpt = load_checkpoint(weights, map_location="cpu")
-    if config is not None:
-        cfg = load_config(config, opts)
-    elif isinstance(ckpt.get("config"), dict):
-        cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), opts))
-    else:
-        raise CheckpointError(f"{weights}: checkpoint stores no config (a bare state_dict?); pass --config")
+    cfg = checkpoint_config(ckpt, weights, config, opts)
     # pretrained=False: the checkpoint replaces every tensor, and the files named by model.backbone.weights /
     # model.init_from need not exist where a trained model is used
     model = build_model(cfg, pretrained=False)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from comask.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from comask.engine.checkpoint import checkpoint_config, load_checkpoint, load_model_weights, save_checkpoint
 from comask.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,6 @@ def export_weights(weights: str | Path, out: str | Path, *, half: bool = False, 
     config, so a file that `comask eval`/`predict` or `runtime.load_from` would reject is never written.
     Returns {"path", "bytes", "source_bytes", "tensors", "params", "dtype", "kept_fp32"}.
     """
-    from comask.config import apply_overrides, config_from_dict, load_config
     from comask.modeling.build import build_model
 
     src = Path(weights)
@@ -80,12 +79,7 @@ def export_weights(weights: str | Path, out: str | Path, *, half: bool = False, 
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: --out is the input checkpoint; choose another file name")
     ckpt = load_checkpoint(src, map_location="cpu")
-    if config is not None:
-        cfg = load_config(config, opts)
-    elif isinstance(ckpt.get("config"), dict):
-        cfg = config_from_dict(apply_overrides(dict(ckpt["config"]), opts))
-    else:
-        raise CheckpointError(f"{src}: checkpoint stores no config (a bare state_dict?); pass --config")
+    cfg = checkpoint_config(ckpt, src, config, opts)
 
     state, kept_fp32 = slim_state_dict(ckpt["model"], half=half)
     model = build_model(cfg, pretrained=False)
