@@ -107,7 +107,8 @@ class CoMaskRoIHeads(nn.Module):
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per image: boxes (N, 4) (the proposals' boxes), scores (N,), labels (N,) after filtering and NMS."""
         logits = self.cls_head(self.cls_pooler(features, proposals, image_shapes))
-        probs = F.softmax(logits, dim=-1).split([p.shape[0] for p in proposals])
+        # float32 scores under autocast: the score threshold and NMS order compare values ~1e-3 apart
+        probs = F.softmax(logits.float(), dim=-1).split([p.shape[0] for p in proposals])
         out_boxes, out_scores, out_labels = [], [], []
         for props, prob in zip(proposals, probs):
             n, c1 = prob.shape
@@ -147,12 +148,14 @@ class CoMaskRoIHeads(nn.Module):
         ).reshape(-1, 2)
         head = self.collab_head
         feat = head.features(self.collab_pooler(features, boxes, image_shapes))
-        offsets = head.offsets(feat)
-        fg = fg_confidence(head.mask_logits(feat, cls))
+        # Voting and the mask in float32 under autocast: in half precision a decoded coordinate near 1000 px is
+        # off by up to 0.5 px (float16) or 4 px (bfloat16), and bfloat16 masks cannot become numpy arrays.
+        offsets = head.offsets(feat).float()
+        fg = fg_confidence(head.mask_logits(feat, cls).float())
         voted = clamp_boxes(vote_boxes(rois, offsets, fg, self.vote_thresh, self.collaborative), hw)
         voted_per_image = list(voted.split(counts))
         feat = head.features(self.collab_pooler(features, voted_per_image, image_shapes))
-        masks = head.mask_logits(feat, cls).sigmoid()
+        masks = head.mask_logits(feat, cls).float().sigmoid()
         return voted_per_image, list(masks.split(counts))
 
     def forward(
@@ -162,6 +165,10 @@ class CoMaskRoIHeads(nn.Module):
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        # The RPN decodes its proposals in the dtype of its deltas (float16 / bfloat16 under autocast); the
+        # RoI stage's box arithmetic runs in float32 (in float16 a box's area overflows past 256 x 256 px,
+        # which would send large RoIs to the wrong FPN level).
+        proposals = [p.float() for p in proposals]
         if self.training:
             targets = self._check_targets(targets, len(proposals))
             return [], self._losses(features, proposals, image_shapes, targets)
