@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train", action="store_true", help="speed: time a training step instead of inference")
     b.add_argument("--warmup", type=int, default=1, help="speed: untimed runs before the repeats")
     b.add_argument("--profile", type=int, default=0, help="speed: also list the N slowest operators")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="speed: run the model on this device (cuda: synchronised timing, peak GPU memory)")
+    b.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                   help="speed: run the forward under torch.autocast with this dtype (default: float32)")
     b.add_argument("--no-train", action="store_true", help="ablation: latency table only, no training")
     b.add_argument("--jobs", type=int, default=1, help="accuracy/ablation: training runs at once (1 thread each)")
     b.set_defaults(func=_cmd_bench)

@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from comask import cli
 from comask.bench.accuracy import COLUMNS, format_table
-from comask.bench.speed import parse_size
+from comask.bench.speed import _timed, check_device, format_report, parse_size
 from comask.config import ConfigError
+from comask.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +50,9 @@ def test_speed_json_is_well_formed() -> None:
         assert 50 < m["peak_rss_mb"] < 20_000
         # score_thresh=0: a random-initialised model still hands a full set of detections to its mask stage
         assert m["detections"] == 50
+        assert m["device"] == "cpu" and m["amp"] is None and m["peak_gpu_mb"] is None
+        assert m["device_name"] == rep["machine"]["cpu"]
+        assert math.isclose(m["fps"], 1 / m["latency_s"]["median"])
     a, b = models
     # MSFEM and the collaborative head add parameters over the baseline (FLOPs depend on the head's depth
     # and the detection count: a shallow collaborative tower at 7x7 can cost less than a 14x14 mask head)
@@ -56,6 +62,7 @@ def test_speed_json_is_well_formed() -> None:
     assert math.isclose(r["peak_rss"], a["peak_rss_mb"] / b["peak_rss_mb"])
     assert math.isclose(r["cpu"], a["cpu_s"]["median"] / b["cpu_s"]["median"])
     assert math.isclose(r["latency_min"], a["latency_s"]["min"] / b["latency_s"]["min"])
+    assert r["peak_gpu"] is None
     assert rep["machine"]["cores"] >= 1 and rep["machine"]["date"]
 
 
@@ -68,6 +75,80 @@ def test_speed_train_step_json() -> None:
     assert "ratio" not in rep
     assert m["mode"] == "train" and m["batch"] == 1 and m["size"] == [64, 64]
     assert m["latency_s"]["median"] > 0 and m["gflops"] > 0 and m["cpu_s"]["median"] > 0
+
+
+def test_speed_under_cpu_bf16_autocast() -> None:
+    """`--amp` on the CPU runs the same path a GPU run takes (autocast around the forward), minus CUDA."""
+    rep = _bench(
+        "speed", "--config", "comask_r18_mfpn_shapes", "--size", "64x96", "--threads", "1", "--repeats", "1",
+        "--warmup", "0", "--amp", "bf16", "--device", "cpu",
+    )
+    (m,) = rep["models"]
+    assert m["amp"] == "bf16" and m["device"] == "cpu" and m["peak_gpu_mb"] is None
+    assert m["detections"] == 50 and m["size"] == [64, 96] and m["gflops"] > 0.01
+    assert m["latency_s"]["median"] > 0 and math.isclose(m["fps"], 1 / m["latency_s"]["median"])
+
+
+def test_train_step_under_cpu_bf16_autocast() -> None:
+    rep = _bench(
+        "speed", "--train", "--config", "comask_r18_mfpn_shapes", "--threads", "1", "--repeats", "1",
+        "--warmup", "0", "--amp", "bf16", "--opts", "schedule.ims_per_batch=1", "input.min_size_train=[64]",
+    )
+    (m,) = rep["models"]
+    assert m["mode"] == "train" and m["amp"] == "bf16" and m["latency_s"]["median"] > 0 and m["gflops"] > 0
+
+
+def test_bench_device_flags_parse() -> None:
+    a = cli.build_parser().parse_args(["bench", "speed", "--device", "cuda", "--amp", "fp16"])
+    assert (a.device, a.amp) == ("cuda", "fp16")
+    a = cli.build_parser().parse_args(["bench", "speed"])
+    assert (a.device, a.amp) == ("cpu", None)
+    for bad in (["--device", "tpu"], ["--amp", "fp8"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["bench", "speed", *bad])
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(UserError, match="^no CUDA device: "):
+        check_device("cuda", "fp16")
+    check_device("cpu", "bf16")  # CPU autocast needs no GPU
+    with pytest.raises(ConfigError):
+        check_device("cpu", "fp8")
+    # the CLI stops before any model is built or subprocess started
+    rc = cli.main(["bench", "speed", "--config", "comask_r18_mfpn_shapes", "--size", "64x96", "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("comask: error: no CUDA device: ")
+
+
+def test_cuda_timing_synchronises_around_every_timed_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a sync after the run, CUDA latency would measure kernel launches only."""
+    events: list[str] = []
+    monkeypatch.setattr("torch.cuda.synchronize", lambda device=None: events.append("sync"))
+    times = _timed(lambda: events.append("run"), repeats=3, warmup=1, device=torch.device("cuda"))
+    assert len(times) == 3
+    assert events == ["run"] + ["sync", "run", "sync"] * 3
+    events.clear()
+    _timed(lambda: events.append("run"), repeats=2, warmup=0)  # CPU: nothing to wait for
+    assert events == ["run", "run"]
+
+
+def test_gpu_report_has_fps_and_gpu_memory_columns() -> None:
+    def model(name: str, lat: float, gpu_mb: float) -> dict:
+        return {"config": name, "mode": "inference", "size": [800, 1333], "batch": 1, "threads": 4, "device": "cuda",
+                "device_name": "NVIDIA H100", "amp": "fp16", "latency_s": {"median": lat, "min": lat, "max": lat},
+                "cpu_s": {"median": lat, "min": lat, "max": lat}, "params": 5e7, "gflops": 300.0,
+                "peak_rss_mb": 2000.0, "peak_gpu_mb": gpu_mb, "fps": 1 / lat}
+
+    a, b = model("comask", 0.05, 1500.0), model("maskrcnn", 0.04, 1000.0)
+    text = format_report({"models": [a, b], "ratio": {
+        "latency": 1.25, "latency_min": 1.25, "cpu": 1.25, "peak_rss": 1.0, "gflops": 1.1, "params": 1.2,
+        "peak_gpu": 1.5}})
+    lines = text.splitlines()
+    assert lines[0] == "device cuda (NVIDIA H100), autocast fp16"
+    assert lines[2].endswith("| FPS | peak GPU (MB) |")
+    assert lines[4].endswith("| 20.00 | 1500 |") and lines[5].endswith("| 25.00 | 1000 |")
+    assert lines[-1].endswith("peak GPU memory 1.500x")
 
 
 def test_parse_size() -> None:

@@ -70,6 +70,8 @@ def _speed(a: argparse.Namespace) -> int:
         warmup=int(getattr(a, "warmup", 1)),
         mode="train" if train_mode else "inference",
         profile=int(getattr(a, "profile", 0) or 0),
+        device=getattr(a, "device", "cpu"),
+        amp=getattr(a, "amp", None),
     )
     report["machine"] = machine()
     if a.json:

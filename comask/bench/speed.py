@@ -12,6 +12,12 @@ models always return `detections_per_img` detections and the RoI heads do their 
 
 Training (`--train`): one SGD step (forward, backward, update) on a batch of `schedule.ims_per_batch`
 shapes-bench images drawn by the synthetic generator at the config's training size.
+
+Device and precision (`--device cuda`, `--amp bf16|fp16`): the model and its inputs move to the device and
+the forward runs under `torch.autocast` with that dtype (training: the loss's backward under a GradScaler
+for fp16). On CUDA every timed run is bracketed by `torch.cuda.synchronize()`, so the latency covers the
+kernels and not only their launch, and the peak of `torch.cuda.max_memory_allocated` is reported beside
+the process's peak RSS. `--amp` also works on the CPU (autocast "cpu"), which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,34 @@ import torch
 from comask.config import ConfigError
 from comask.errors import UserError
 
-SPEC_FIELDS = ("config", "opts", "weights", "size", "threads", "repeats", "warmup", "mode", "profile")
+SPEC_FIELDS = ("config", "opts", "weights", "size", "threads", "repeats", "warmup", "mode", "profile", "device",
+               "amp")
+DEVICES = ("cpu", "cuda")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_device(device: str, amp: str | None) -> None:
+    """Raise a one-line UserError for a device this process cannot use or an unknown --amp value."""
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ConfigError(f"--amp must be one of {', '.join(AMP_DTYPES)} (or left out for float32), got {amp!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        built = torch.version.cuda or "none (CPU-only build)"
+        raise UserError(
+            f"no CUDA device: torch {torch.__version__} (CUDA {built}) sees no GPU; run on a machine with one, "
+            "or leave out --device cuda"
+        )
+
+
+def _autocast(device: torch.device, amp: str | None) -> Any:
+    # enabled=False keeps one code path for float32 runs
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp or "", torch.float32), enabled=amp is not None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -52,6 +85,12 @@ def _peak_rss_mb() -> float:
     # ru_maxrss is in KiB on Linux (bytes on macOS)
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def _cpu_name() -> str:
+    from comask.bench import machine
+
+    return str(machine()["cpu"])
 
 
 def _count_flops(fn: Any) -> float:
@@ -119,13 +158,18 @@ def _train_batch(cfg: Any, seed: int = 0) -> tuple[list[torch.Tensor], list[dict
     return images, targets
 
 
-def _timed(fn: Any, repeats: int, warmup: int, cpu_times: list[float] | None = None) -> list[float]:
+def _timed(
+    fn: Any, repeats: int, warmup: int, cpu_times: list[float] | None = None, device: torch.device | None = None
+) -> list[float]:
+    dev = device or torch.device("cpu")
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync(dev)  # nothing queued from the previous run is counted in this one
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
+        _sync(dev)
         times.append(time.perf_counter() - t0)
         if cpu_times is not None:
             cpu_times.append(time.process_time() - c0)
@@ -133,24 +177,37 @@ def _timed(fn: Any, repeats: int, warmup: int, cpu_times: list[float] | None = N
 
 
 def timed_sgd_steps(
-    model: torch.nn.Module, next_batch: Any, repeats: int, warmup: int, cpu_times: list[float] | None = None
+    model: torch.nn.Module,
+    next_batch: Any,
+    repeats: int,
+    warmup: int,
+    cpu_times: list[float] | None = None,
+    amp: str | None = None,
 ) -> list[float]:
     """Seconds of `repeats` SGD steps (forward, backward, update) after `warmup` untimed ones.
 
     `next_batch()` -> (images, targets) is called outside the timed region, so a data loader's time
     is not counted. Used by `bench speed --train` (one fixed batch) and `comask demo` (its loader).
-    `cpu_times`, if given, receives each timed step's process CPU seconds.
+    `cpu_times`, if given, receives each timed step's process CPU seconds. The step runs on the model's
+    device (synchronised around each step on CUDA); `amp` ("bf16" / "fp16") runs the forward under
+    autocast, fp16 with a GradScaler as in training.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    device = params[0].device if params else torch.device("cpu")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def step() -> None:
         images, targets = next_batch()
+        _sync(device)
         c0, t0 = time.process_time(), time.perf_counter()
-        loss = sum(model(images, targets).values())
+        with _autocast(device, amp):
+            loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        _sync(device)
         times.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
 
@@ -175,35 +232,43 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     mode = spec.get("mode", "inference")
+    amp = spec.get("amp")
+    check_device(spec.get("device") or "cpu", amp)
+    device = torch.device(spec.get("device") or "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     # Process CPU seconds beside wall seconds: with one thread on a machine that other jobs share, the
     # CPU time leaves out the time this process waited for a core (see docs/BENCHMARKS.md).
     cpu_times: list[float] = []
     if mode == "inference":
         cfg = _inference_cfg(spec)
-        model = _load_model(spec, cfg).eval()
+        model = _load_model(spec, cfg).eval().to(device)
         h, w = spec["size"]
-        image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+        image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
 
         def step() -> Any:
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(device, amp):
                 return model([image])
 
         out = step()  # first call: allocations, also tells how many detections the RoI heads handled
         detections = int(out[0]["boxes"].shape[0])
-        times = _timed(step, int(spec["repeats"]), max(0, int(spec["warmup"]) - 1), cpu_times)
+        times = _timed(step, int(spec["repeats"]), max(0, int(spec["warmup"]) - 1), cpu_times, device)
         flops_fn = step
         size_desc = [h, w]
     elif mode == "train":
         cfg = load_config(spec["config"], list(spec.get("opts") or []))
-        model = _load_model(spec, cfg).train()
+        model = _load_model(spec, cfg).train().to(device)
         images, targets = _train_batch(cfg)
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         times = timed_sgd_steps(model, lambda: (images, targets), int(spec["repeats"]), int(spec["warmup"]),
-                                cpu_times)
+                                cpu_times, amp=amp)
         detections = None
 
         def flops_fn() -> Any:
             # forward + backward, no update (FlopCounterMode counts the autograd kernels too)
-            loss = sum(model(images, targets).values())
+            with _autocast(device, amp):
+                loss = sum(model(images, targets).values())
             loss.backward()
             model.zero_grad(set_to_none=True)
 
@@ -219,7 +284,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "size": size_desc,
         "batch": 1 if mode == "inference" else int(cfg.schedule.ims_per_batch),
         "threads": torch.get_num_threads(),
+        "device": device.type,
+        "amp": amp,
         "latency_s": {"median": statistics.median(times), "min": min(times), "max": max(times)},
+        # inference: images per second at batch 1; training: steps per second
+        "fps": 1.0 / statistics.median(times),
         "times_s": times,
         "cpu_s": {"median": statistics.median(cpu_times), "min": min(cpu_times), "max": max(cpu_times)},
         "cpu_times_s": cpu_times,
@@ -228,6 +297,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
     # Before the FLOP count, whose dispatch hooks hold extra tensors: peak RSS is the model's own.
     result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    # after the peak RSS: naming the CPU imports comask.bench, whose modules are not the model's memory
+    result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     result["gflops"] = _count_flops(flops_fn)
     if spec.get("profile"):
         result["profile"] = _profile(flops_fn if mode == "train" else step, int(spec["profile"]))
@@ -335,12 +407,16 @@ def run_speed(
     warmup: int = 1,
     mode: str = "inference",
     profile: int = 0,
+    device: str = "cpu",
+    amp: str | None = None,
 ) -> dict[str, Any]:
     """Measure each config in its own subprocess (A, then B) and compute the A/B ratios."""
+    check_device(device, amp)  # here too, so a missing GPU is one line and not a subprocess traceback
     models = []
     for config in configs:
         spec = {"config": config, "opts": list(opts or []), "weights": weights, "size": list(size),
-                "threads": threads, "repeats": repeats, "warmup": warmup, "mode": mode, "profile": profile}
+                "threads": threads, "repeats": repeats, "warmup": warmup, "mode": mode, "profile": profile,
+                "device": device, "amp": amp}
         models.append(run_in_subprocess(spec))
     report: dict[str, Any] = {"models": models}
     if len(models) == 2:
@@ -352,6 +428,7 @@ def run_speed(
             "peak_rss": _ratio(a["peak_rss_mb"], b["peak_rss_mb"]),
             "gflops": _ratio(a["gflops"], b["gflops"]),
             "params": _ratio(a["params"], b["params"]),
+            "peak_gpu": _ratio(a["peak_gpu_mb"], b["peak_gpu_mb"]) if a["peak_gpu_mb"] is not None else None,
         }
     return report
 
@@ -359,9 +436,17 @@ def run_speed(
 def format_report(report: dict[str, Any]) -> str:
     models = report["models"]
     what = "train step (s)" if models and models[0]["mode"] == "train" else "latency (s)"
-    lines = [
-        f"| config | size | threads | {what} median | min | max | CPU (s) median | params (M) | GFLOPs | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    gpu = any(m.get("device") == "cuda" for m in models)
+    lines = []
+    if models and (gpu or models[0].get("amp")):
+        m0 = models[0]
+        lines += [f"device {m0['device']} ({m0['device_name']}), autocast {m0['amp'] or 'off (float32)'}", ""]
+    rate = "steps/s" if what.startswith("train") else "FPS"
+    extra = f" {rate} | peak GPU (MB) |" if gpu else ""
+    lines += [
+        f"| config | size | threads | {what} median | min | max | CPU (s) median | params (M) | GFLOPs | peak RSS (MB) |"
+        + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else ""),
     ]
     for m in models:
         lat = m["latency_s"]
@@ -372,6 +457,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {m['config']} | {size} | {m['threads']} | {lat['median']:.3f} | {lat['min']:.3f} | "
             f"{lat['max']:.3f} | {m['cpu_s']['median']:.3f} | {m['params'] / 1e6:.2f} | {m['gflops']:.1f} | "
             f"{m['peak_rss_mb']:.0f} |"
+            + (f" {m['fps']:.2f} | {m['peak_gpu_mb']:.0f} |" if gpu else "")
         )
     r = report.get("ratio")
     if r:
@@ -379,6 +465,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"A/B: latency {r['latency']:.3f}x (of minima {r['latency_min']:.3f}x, of CPU time {r['cpu']:.3f}x), "
             f"peak RSS {r['peak_rss']:.3f}x, GFLOPs {r['gflops']:.3f}x, params {r['params']:.3f}x"
+            + (f", peak GPU memory {r['peak_gpu']:.3f}x" if r.get("peak_gpu") is not None else "")
         )
     for m in models:
         for row in m.get("profile") or []:
