@@ -187,7 +187,7 @@ def timed_sgd_steps(
     """Seconds of `repeats` SGD steps (forward, backward, update) after `warmup` untimed ones.
 
     `next_batch()` -> (images, targets) is called outside the timed region, so a data loader's time
-    is not counted. Used by `bench speed --train` (one fixed batch) and `comask demo` (its loader).
+    is not counted. Used by `bench speed --train` (one fixed batch).
     `cpu_times`, if given, receives each timed step's process CPU seconds. The step runs on the model's
     device (synchronised around each step on CUDA); `amp` ("bf16" / "fp16") runs the forward under
     autocast, fp16 with a GradScaler as in training.
