@@ -247,5 +247,7 @@ def test_shapes_bench_pair_differs_only_in_method():
         cfg["model"]["msfem"].pop("branches")
         cfg.pop("name")
     assert a == b  # backbone, FPN, RPN, sampling, heads' widths, test knobs, data, schedule, runtime
-    assert a["model"]["backbone"] == {"depth": 18, "norm": "bn", "frozen_stages": 0, "weights": None}
+    assert a["model"]["backbone"] == {
+        "name": "resnet", "depth": 18, "norm": "bn", "frozen_stages": 0, "weights": None
+    }
     assert a["schedule"]["ims_per_batch"] == 8
