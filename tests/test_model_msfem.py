@@ -118,8 +118,10 @@ def test_msfem_channels_last_input():
 def test_msfem_gradients_match_literal_equations():
     """The in-place accumulation in forward() must leave autograd's result unchanged."""
     torch.manual_seed(0)
-    m = MSFEM(8, 3)
-    x = torch.randn(2, 8, 9, 11)
+    # float64: the two computations sum in different orders, and float32 rounding of a gradient entry
+    # of ~0.06 differed by 3e-5 in one element (a flake at rtol 1e-4), which would hide no real bug
+    m = MSFEM(8, 3).double()
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     m(x1).square().sum().backward()
     got = [x1.grad] + [p.grad.clone() for p in m.parameters()]
@@ -127,7 +129,7 @@ def test_msfem_gradients_match_literal_equations():
     _reference(m, x2).square().sum().backward()
     want = [x2.grad] + [p.grad for p in m.parameters()]
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def _tiny_fpn(seed: int = 0):
