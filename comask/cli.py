@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--amp", choices=["bf16", "fp16"], default=None,
                    help="speed: run the forward under torch.autocast with this dtype (default: float32)")
     b.add_argument("--no-train", action="store_true", help="ablation: latency table only, no training")
+    b.add_argument("--variants", nargs="*", default=[],
+                   help="accuracy/ablation: only these rows, e.g. comask_B0 comask_B4_woCL (default: all)")
     b.add_argument("--jobs", type=int, default=1, help="accuracy/ablation: training runs at once (1 thread each)")
     b.set_defaults(func=_cmd_bench)
     return p

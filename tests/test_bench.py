@@ -171,3 +171,24 @@ def test_accuracy_table_columns_and_means() -> None:
     assert "| maskrcnn | 0 | 30.0 |" in lines[3]
     # COCO's -1 (no objects of that size) shows as '-', not as a negative AP
     assert lines[3].split(" | ")[11] == "-"
+
+
+def test_ablation_variants_select_rows_and_b4_reuses_the_accuracy_run(tmp_path: Path) -> None:
+    from comask.bench.accuracy import ABLATION_MODELS, ACCURACY_MODELS, select_models, train_and_evaluate
+
+    assert [m[0] for m in select_models(ABLATION_MODELS, ["comask_B0", "comask_B4_woCL"])] == [
+        "comask_B0", "comask_B4_woCL"]
+    assert select_models(ABLATION_MODELS, []) == ABLATION_MODELS
+    with pytest.raises(UserError, match="comask_B3"):
+        select_models(ABLATION_MODELS, ["comask_B3"])
+    # the B4 row trains exactly the accuracy benchmark's CoMask run ...
+    b4 = next(m for m in ABLATION_MODELS if m[0] == "comask_B4")
+    assert (b4[1], b4[2]) == (ACCURACY_MODELS[0][1], ACCURACY_MODELS[0][2])
+    # ... so a finished "comask" run in the same --out is reused, not retrained
+    run = tmp_path / "comask_seed0"
+    run.mkdir()
+    (run / "model_final.pth").write_bytes(b"")
+    metrics = {t: {c: 0.25 for c in COLUMNS} for t in ("segm", "bbox")}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    row = train_and_evaluate("comask_B4", b4[1], b4[2], 0, tmp_path, [])
+    assert row["reused"] and row["run_dir"] == str(run) and row["segm"]["AP75"] == 0.25

@@ -17,6 +17,7 @@ from comask.bench.accuracy import (
     ACCURACY_MODELS,
     format_table,
     run_training_table,
+    select_models,
 )
 from comask.bench.speed import format_report, parse_size, run_speed
 from comask.config import ConfigError
@@ -85,7 +86,7 @@ def _speed(a: argparse.Namespace) -> int:
 
 def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
     out = Path(a.out)
-    models = ABLATION_MODELS if ablation else ACCURACY_MODELS
+    models = select_models(ABLATION_MODELS if ablation else ACCURACY_MODELS, list(a.variants or []))
     if a.config:
         raise ConfigError("comask bench accuracy/ablation: the model pair is fixed (see comask/bench/accuracy.py); "
                           "change the budget with --opts schedule.max_iter=N")
