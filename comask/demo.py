@@ -17,10 +17,10 @@ import json
 import math
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 from comask.config import load_config
+from comask.engine.checkpoint import ASSET_PREFIX, resolve_asset
 from comask.errors import CheckpointError
 
 DEMO_CONFIG = "comask_mnv3_mfpn_demo"  # fine-tunes PRETRAINED_FILE
@@ -49,7 +49,7 @@ def plan_schedule(train_seconds: float, warmup: int) -> list[str]:
 
 def pretrained_path() -> Path:
     """Where the installed package keeps the demo's checkpoint (independent of the working directory)."""
-    return Path(str(resources.files("comask").joinpath("assets", PRETRAINED_FILE))).resolve()
+    return resolve_asset(ASSET_PREFIX + PRETRAINED_FILE)
 
 
 def require_pretrained() -> Path:

@@ -174,7 +174,13 @@ def test_accuracy_table_columns_and_means() -> None:
 
 
 def test_ablation_variants_select_rows_and_b4_reuses_the_accuracy_run(tmp_path: Path) -> None:
-    from comask.bench.accuracy import ABLATION_MODELS, ACCURACY_MODELS, select_models, train_and_evaluate
+    from comask.bench.accuracy import (
+        ABLATION_MODELS,
+        ACCURACY_MODELS,
+        run_dir_name,
+        select_models,
+        train_and_evaluate,
+    )
 
     assert [m[0] for m in select_models(ABLATION_MODELS, ["comask_B0", "comask_B4_woCL"])] == [
         "comask_B0", "comask_B4_woCL"]
@@ -192,3 +198,8 @@ def test_ablation_variants_select_rows_and_b4_reuses_the_accuracy_run(tmp_path: 
     (run / "metrics.json").write_text(json.dumps(metrics))
     row = train_and_evaluate("comask_B4", b4[1], b4[2], 0, tmp_path, [])
     assert row["reused"] and row["run_dir"] == str(run) and row["segm"]["AP75"] == 0.25
+    # on another config (--config), the unchanged row is that config's accuracy run, the others its own
+    assert run_dir_name("comask_B4", "comask_mnv3_mfpn_shapes", []) == "comask_mnv3_mfpn_shapes"
+    assert run_dir_name("comask_B0", "comask_mnv3_mfpn_shapes", ["model.msfem.branches=0"]) == (
+        "comask_mnv3_mfpn_shapes-comask_B0")
+    assert run_dir_name("comask_B0", b4[1], ["model.msfem.branches=0"]) == "comask_B0"

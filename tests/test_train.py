@@ -229,6 +229,32 @@ def test_fine_tune_from_other_class_count(data_root: Path, tmp_path: Path) -> No
     assert got["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
 
 
+def test_load_only_takes_the_named_prefixes_and_nothing_else(data_root: Path, tmp_path: Path) -> None:
+    """runtime.load_only=[backbone.body.]: the pretrained body, every other tensor as a fresh model has it."""
+    src = tiny_maskrcnn(tiny_cfg(data_root))
+    save_checkpoint({"model": src.state_dict()}, tmp_path / "src.pth")
+    cfg = tiny_cfg(data_root, f"runtime.load_from={tmp_path / 'src.pth'}", "runtime.load_only=[backbone.body.]",
+                   "schedule.max_iter=1", "schedule.base_lr=0.0", "runtime.seed=123")
+    got = train(cfg, tmp_path / "run", model_factory=tiny_maskrcnn)["model"].state_dict()
+    torch.manual_seed(123)
+    fresh = tiny_maskrcnn(cfg).state_dict()
+    body, head = "backbone.body.layer1.0.conv1.weight", "roi_heads.box_head.fc6.weight"
+    assert torch.equal(got[body], src.state_dict()[body])
+    assert not torch.equal(got[head], src.state_dict()[head])
+    assert got[head].shape == fresh[head].shape
+    bad = tiny_cfg(data_root, f"runtime.load_from={tmp_path / 'src.pth'}", "runtime.load_only=[nothing.]")
+    with pytest.raises(UserError, match=r"load_only.*nothing\."):
+        train(bad, tmp_path / "bad", model_factory=tiny_maskrcnn)
+
+
+def test_asset_paths_name_the_packaged_files() -> None:
+    from comask.engine.checkpoint import resolve_asset
+
+    shipped = resolve_asset("asset:comask_mnv3_shapes_demo.pth")
+    assert shipped.is_file() and shipped.parent.name == "assets"
+    assert resolve_asset("runs/x/model_final.pth") == Path("runs/x/model_final.pth")
+
+
 def test_time_budget_ends_training_like_max_iter(data_root: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(data_root, "schedule.max_iter=1000", "runtime.max_minutes=0.0001", "runtime.checkpoint_period=500")
     res = train(cfg, tmp_path / "run", model_factory=tiny_maskrcnn)

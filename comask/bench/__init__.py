@@ -87,9 +87,13 @@ def _speed(a: argparse.Namespace) -> int:
 def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
     out = Path(a.out)
     models = select_models(ABLATION_MODELS if ablation else ACCURACY_MODELS, list(a.variants or []))
-    if a.config:
-        raise ConfigError("comask bench accuracy/ablation: the model pair is fixed (see comask/bench/accuracy.py); "
-                          "change the budget with --opts schedule.max_iter=N")
+    if a.config and ablation:
+        # the variants' options on another CoMask config (e.g. the pretrained-body one)
+        models = [(name, a.config, opts) for name, _, opts in models]
+    elif a.config:
+        if not a.compare:
+            raise ConfigError("comask bench accuracy --config A needs --compare B (the baseline trained beside it)")
+        models = [(a.config, a.config, []), (a.compare, a.compare, [])]
     extra: dict[str, dict[str, str]] = {}
     speed_rows = []
     if ablation:
@@ -106,7 +110,9 @@ def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
                                                                           jobs=int(getattr(a, "jobs", 1) or 1))
     stem = "ablation" if ablation else "accuracy"
     info = machine()
-    header = (f"{info['cpu']}, threads {a.threads or torch.get_num_threads()}, torch {info['torch']}, {info['date']}; "
+    jobs = int(getattr(a, "jobs", 1) or 1)
+    threads = a.threads or (1 if jobs > 1 and rows else torch.get_num_threads())
+    header = (f"{info['cpu']}, threads {threads} per run, {jobs} run(s) at once, torch {info['torch']}, {info['date']}; "
               f"opts {' '.join(a.opts or []) or '(config defaults)'}")
     if rows:
         text = header + "\n\n" + format_table(rows, extra)

@@ -26,7 +26,7 @@ ACCURACY_MODELS: list[tuple[str, str, list[str]]] = [
 ]
 
 # Paper Table 2 (MSFEM branches B) and Table 3 (w/o collaborative learning), on the CoMask pair config.
-# B = 4 is the config's own value: that row is the accuracy benchmark's "comask" run (see RUN_DIRS).
+# B = 4 is the config's own value: that row is the accuracy benchmark's "comask" run (see run_dir_name).
 ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
     ("comask_B0", "comask_r18_mfpn_shapes", ["model.msfem.branches=0"]),
     ("comask_B1", "comask_r18_mfpn_shapes", ["model.msfem.branches=1"]),
@@ -35,9 +35,16 @@ ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
     ("comask_B4_woCL", "comask_r18_mfpn_shapes", ["model.collab_head.collaborative=false"]),
 ]
 
-# Runs that are the same training under two names share one directory, so `bench ablation --out D` after
-# `bench accuracy --out D` reuses the CoMask run instead of training it again.
-RUN_DIRS = {"comask_B4": "comask"}
+
+
+def run_dir_name(name: str, config: str, model_opts: list[str]) -> str:
+    """The directory (under --out, before `_seed<k>`) of one run. A row that trains its config unchanged is
+    the accuracy benchmark's run of that config, so `bench ablation --out D` after `bench accuracy --out D`
+    reuses it (the B4 row) instead of training it again."""
+    default_config = ABLATION_MODELS[0][1]
+    if not model_opts:
+        return next((n for n, c, o in ACCURACY_MODELS if c == config and not o), config)
+    return name if config == default_config else f"{config}-{name}"
 
 
 def select_models(models: list[tuple[str, str, list[str]]], names: list[str] | None) -> list[tuple[str, str, list[str]]]:
@@ -69,7 +76,7 @@ def train_and_evaluate(
     from comask.config import load_config
     from comask.engine.train import train
 
-    run_dir = out / f"{RUN_DIRS.get(name, name)}_seed{seed}"
+    run_dir = out / f"{run_dir_name(name, config, model_opts)}_seed{seed}"
     overrides = list(model_opts) + list(opts) + [f"runtime.seed={seed}", "runtime.final_eval=true"]
     cfg = load_config(config, overrides)
     metrics = _finished_metrics(run_dir)

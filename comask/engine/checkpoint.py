@@ -34,6 +34,20 @@ class CheckpointWriteError(CheckpointError, OSError):
     """Writing a checkpoint failed (e.g. disk full); an OSError too, for callers that handle I/O errors."""
 
 
+ASSET_PREFIX = "asset:"
+
+
+def resolve_asset(path: str | Path) -> Path:
+    """`asset:NAME` -> the file NAME shipped in the installed package's comask/assets/ (so a config can
+    name it whatever the working directory); any other path is returned unchanged."""
+    text = str(path)
+    if not text.startswith(ASSET_PREFIX):
+        return Path(text)
+    from importlib import resources
+
+    return Path(str(resources.files("comask").joinpath("assets", text[len(ASSET_PREFIX):]))).resolve()
+
+
 def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pth"
 

@@ -53,6 +53,7 @@ from comask.engine.checkpoint import (
     load_model_weights,
     prune_checkpoints,
     remove_stale_temp_files,
+    resolve_asset,
     save_checkpoint,
 )
 from comask.engine.logging import TrainLogger, setup_console_logging
@@ -418,8 +419,17 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         load_model_weights(model, ckpt["model"], strict=True, source=str(resume_path))
         _warn_config_drift(cfg, ckpt, resume_path)
     elif rt.load_from:
-        init = load_checkpoint(rt.load_from, map_location="cpu")
-        report = load_model_weights(model, init["model"], strict=bool(rt.load_strict), source=str(rt.load_from))
+        init = load_checkpoint(resolve_asset(rt.load_from), map_location="cpu")
+        state = init["model"]
+        only = tuple(rt.get("load_only") or ())
+        if only:
+            # e.g. [backbone.body.]: the same pretrained body under two detectors, nothing else shared
+            state = {k: v for k, v in state.items() if k.startswith(only)}
+            if not state:
+                raise CheckpointError(f"runtime.load_only={list(only)}: no tensor of {rt.load_from} starts with these "
+                                      "prefixes; check the key names (e.g. backbone.body.)")
+        strict = bool(rt.load_strict) and not only
+        report = load_model_weights(model, state, strict=strict, source=str(rt.load_from))
         if is_main:
             log.info("initialised from %s: %d tensors loaded, %d skipped", rt.load_from, len(report["loaded"]),
                      len(report["missing"]) + len(report["shape_mismatch"]))
