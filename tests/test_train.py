@@ -60,6 +60,8 @@ class SignalAt(nn.Module):
 def test_interrupted_and_resumed_run_reaches_identical_weights(data_root: Path, tmp_path: Path) -> None:
     """6 iterations straight vs. Ctrl-C during iteration 4 (checkpoint at 4) + --resume to 6."""
     cfg = tiny_cfg(data_root, "runtime.checkpoint_period=100", "schedule.steps=[3]")
+    # whatever the runner left (a background job starts with SIGINT ignored), training must put it back
+    before = signal.getsignal(signal.SIGINT)
     straight = train(cfg, tmp_path / "a", model_factory=lambda c: SignalAt(tiny_maskrcnn(c), None))
     assert straight["exit_code"] == 0 and straight["iter"] == 6
 
@@ -67,7 +69,7 @@ def test_interrupted_and_resumed_run_reaches_identical_weights(data_root: Path, 
     assert first["stop_reason"] == "SIGINT" and first["exit_code"] == 130
     assert first["iter"] == 4 and first["final"] is None
     assert [it for it, _ in list_checkpoints(tmp_path / "b")] == [4]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers must be restored"
+    assert signal.getsignal(signal.SIGINT) is before, "handlers must be restored"
 
     resumed = train(cfg, tmp_path / "b", resume=True, model_factory=lambda c: SignalAt(tiny_maskrcnn(c), None))
     assert resumed["exit_code"] == 0 and resumed["iter"] == 6
