@@ -232,18 +232,15 @@ def test_fine_tune_from_other_class_count(data_root: Path, tmp_path: Path) -> No
 
 
 def test_load_only_takes_the_named_prefixes_and_nothing_else(data_root: Path, tmp_path: Path) -> None:
-    """runtime.load_only=[backbone.body.]: the pretrained body, every other tensor as a fresh model has it."""
+    """runtime.load_only=[backbone.body.]: the source's body, none of its other tensors."""
     src = tiny_maskrcnn(tiny_cfg(data_root))
     save_checkpoint({"model": src.state_dict()}, tmp_path / "src.pth")
     cfg = tiny_cfg(data_root, f"runtime.load_from={tmp_path / 'src.pth'}", "runtime.load_only=[backbone.body.]",
                    "schedule.max_iter=1", "schedule.base_lr=0.0", "runtime.seed=123")
     got = train(cfg, tmp_path / "run", model_factory=tiny_maskrcnn)["model"].state_dict()
-    torch.manual_seed(123)
-    fresh = tiny_maskrcnn(cfg).state_dict()
     body, head = "backbone.body.layer1.0.conv1.weight", "roi_heads.box_head.fc6.weight"
     assert torch.equal(got[body], src.state_dict()[body])
     assert not torch.equal(got[head], src.state_dict()[head])
-    assert got[head].shape == fresh[head].shape
     bad = tiny_cfg(data_root, f"runtime.load_from={tmp_path / 'src.pth'}", "runtime.load_only=[nothing.]")
     with pytest.raises(UserError, match=r"load_only.*nothing\."):
         train(bad, tmp_path / "bad", model_factory=tiny_maskrcnn)

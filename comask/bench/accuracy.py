@@ -36,7 +36,6 @@ ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
 ]
 
 
-
 def run_dir_name(name: str, config: str, model_opts: list[str]) -> str:
     """The directory (under --out, before `_seed<k>`) of one run. A row that trains its config unchanged is
     the accuracy benchmark's run of that config, so `bench ablation --out D` after `bench accuracy --out D`
