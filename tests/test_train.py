@@ -252,6 +252,8 @@ def test_asset_paths_name_the_packaged_files() -> None:
     shipped = resolve_asset("asset:comask_mnv3_shapes_demo.pth")
     assert shipped.is_file() and shipped.parent.name == "assets"
     assert resolve_asset("runs/x/model_final.pth") == Path("runs/x/model_final.pth")
+    # every checkpoint reader goes through load_checkpoint, so `asset:` works wherever a checkpoint path does
+    assert "backbone.body.0.0.weight" in load_checkpoint("asset:comask_mnv3_shapes_demo.pth")["model"]
 
 
 def test_time_budget_ends_training_like_max_iter(data_root: Path, tmp_path: Path) -> None:

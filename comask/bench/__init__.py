@@ -106,11 +106,11 @@ def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
             extra[name] = {"CPU latency (s)": f"{m['latency_s']['median']:.3f}",
                            "GFLOPs": f"{m['gflops']:.1f}", "params (M)": f"{m['params'] / 1e6:.2f}"}
     train_opts = list(a.opts or []) + ([f"runtime.threads={a.threads}"] if a.threads else [])
+    jobs = int(getattr(a, "jobs", 1) or 1)
     rows = [] if getattr(a, "no_train", False) else run_training_table(models, list(a.seeds), out, train_opts,
-                                                                          jobs=int(getattr(a, "jobs", 1) or 1))
+                                                                          jobs=jobs)
     stem = "ablation" if ablation else "accuracy"
     info = machine()
-    jobs = int(getattr(a, "jobs", 1) or 1)
     threads = a.threads or (1 if jobs > 1 and rows else torch.get_num_threads())
     header = (f"{info['cpu']}, threads {threads} per run, {jobs} run(s) at once, torch {info['torch']}, {info['date']}; "
               f"opts {' '.join(a.opts or []) or '(config defaults)'}")

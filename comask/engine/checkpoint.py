@@ -142,11 +142,12 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`; CheckpointError if missing, corrupt or unsafe.
+    `asset:NAME` names a file shipped in the package (`resolve_asset`).
 
     A bare state_dict (a mapping of tensors, e.g. a torchvision weights file) is returned as
     `{"model": state_dict}` so callers can always read `ckpt["model"]`.
     """
-    path = Path(path)
+    path = resolve_asset(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found; check the path (--weights / --out)")
     if path.stat().st_size == 0:

@@ -53,7 +53,6 @@ from comask.engine.checkpoint import (
     load_model_weights,
     prune_checkpoints,
     remove_stale_temp_files,
-    resolve_asset,
     save_checkpoint,
 )
 from comask.engine.logging import TrainLogger, setup_console_logging
@@ -419,7 +418,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         load_model_weights(model, ckpt["model"], strict=True, source=str(resume_path))
         _warn_config_drift(cfg, ckpt, resume_path)
     elif rt.load_from:
-        init = load_checkpoint(resolve_asset(rt.load_from), map_location="cpu")
+        init = load_checkpoint(rt.load_from, map_location="cpu")
         state = init["model"]
         only = tuple(rt.get("load_only") or ())
         if only:
