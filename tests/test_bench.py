@@ -196,8 +196,15 @@ def test_ablation_variants_select_rows_and_b4_reuses_the_accuracy_run(tmp_path: 
     (run / "model_final.pth").write_bytes(b"")
     metrics = {t: {c: 0.25 for c in COLUMNS} for t in ("segm", "bbox")}
     (run / "metrics.json").write_text(json.dumps(metrics))
+    from comask.config import load_config
+
+    (run / "config.yaml").write_text(load_config(b4[1], ["runtime.seed=0", "runtime.threads=1"]).dump())
     row = train_and_evaluate("comask_B4", b4[1], b4[2], 0, tmp_path, [])
     assert row["reused"] and row["run_dir"] == str(run) and row["segm"]["AP75"] == 0.25
+    # a finished run of an older model config in the same folder is refused, naming the folder and section
+    (run / "config.yaml").write_text(load_config(b4[1], ["model.collab_head.mask_skip=false"]).dump())
+    with pytest.raises(UserError, match=r"comask_seed0 holds a finished run whose 'model' config differs"):
+        train_and_evaluate("comask_B4", b4[1], b4[2], 0, tmp_path, [])
     # on another config (--config), the unchanged row is that config's accuracy run, the others its own
     assert run_dir_name("comask_B4", "comask_mnv3_mfpn_shapes", []) == "comask_mnv3_mfpn_shapes"
     assert run_dir_name("comask_B0", "comask_mnv3_mfpn_shapes", ["model.msfem.branches=0"]) == (

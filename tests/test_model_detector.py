@@ -90,6 +90,7 @@ def _train_step(model, images, targets) -> dict:
         ("comask", 1, ()),
         ("comask", 2, ("model.collab_head.collaborative=false",)),
         ("comask", 4, ("model.msfem.residual=false",)),
+        ("comask", 2, ("model.collab_head.mask_skip=true",)),
         ("maskrcnn", 0, ()),
         ("maskrcnn", 4, ()),
     ],
@@ -143,7 +144,10 @@ def _expected_unused_msfem_params(model, image_hw) -> set[str]:
 def test_every_trainable_parameter_gets_a_finite_gradient(kind, branches):
     torch.manual_seed(0)
     # after_fpn: the MFPN layout that _expected_unused_msfem_params walks (in_fpn: tests/test_model_msfem.py)
-    model = build_model(tiny_cfg(kind, branches, "model.msfem.placement=after_fpn"))
+    # mask_skip on: its 1x1 conv must get a gradient too (the CPU configs use it)
+    model = build_model(tiny_cfg(kind, branches, "model.msfem.placement=after_fpn", "model.collab_head.mask_skip=true"))
+    if kind == "comask":
+        assert model.roi_heads.collab_head.mask_skip is not None
     images, targets = _batch(((128, 128), (128, 128)))
     # the big box matches P6's 128 px anchors, so P6 (and its MSFEM) gets an RPN gradient
     targets[1] = _target(128, 128, [[20, 8, 70, 44], [2, 4, 126, 124]], [2, 1])

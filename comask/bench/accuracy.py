@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from comask.errors import UserError
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -33,6 +35,8 @@ ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
     ("comask_B2", "comask_r18_mfpn_shapes", ["model.msfem.branches=2"]),
     ("comask_B4", "comask_r18_mfpn_shapes", []),
     ("comask_B4_woCL", "comask_r18_mfpn_shapes", ["model.collab_head.collaborative=false"]),
+    # not in the paper: the CPU configs' 14x14 skip into the mask branch switched off (METHOD.md's head)
+    ("comask_B4_noskip", "comask_r18_mfpn_shapes", ["model.collab_head.mask_skip=false"]),
 ]
 
 
@@ -57,6 +61,23 @@ def select_models(models: list[tuple[str, str, list[str]]], names: list[str] | N
     return [m for m in models if m[0] in names]
 
 
+def _check_same_config(run_dir: Path, cfg: Any) -> None:
+    """A finished run is reused only if it trained what `cfg` now resolves to (model, data, schedule); a run
+    left by an older config under the same --out is an error, not a silent stale row."""
+    saved = run_dir / "config.yaml"
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{saved}: cannot read the finished run's config ({e}); delete {run_dir} to retrain") from None
+    new = cfg.to_dict()
+    for section in ("model", "data", "schedule"):
+        if not isinstance(old, dict) or old.get(section) != new.get(section):
+            raise UserError(
+                f"{run_dir} holds a finished run whose '{section}' config differs from what {cfg.get('name')} resolves "
+                f"to now; delete that folder to retrain it, or use another --out"
+            )
+
+
 def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     m = run_dir / "metrics.json"
     if (run_dir / "model_final.pth").is_file() and m.is_file():
@@ -79,6 +100,8 @@ def train_and_evaluate(
     overrides = list(model_opts) + list(opts) + [f"runtime.seed={seed}", "runtime.final_eval=true"]
     cfg = load_config(config, overrides)
     metrics = _finished_metrics(run_dir)
+    if metrics is not None:
+        _check_same_config(run_dir, cfg)
     seconds = None
     reused = metrics is not None
     if metrics is None:

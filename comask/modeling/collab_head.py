@@ -27,6 +27,7 @@ Two choices differ from METHOD.md / the first version, measured on tests/test_mo
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,17 @@ def _conv_gn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
+class HeadFeatures(NamedTuple):
+    """What both branches read: the tower output X at 7x7 and, with `mask_skip`, a 14x14 map for the mask."""
+
+    tower: Tensor
+    skip: Tensor | None
+
+
 class CollaborativeHead(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, conv_dim: int = 256, num_convs: int = 9):
+    def __init__(
+        self, in_channels: int, num_classes: int, conv_dim: int = 256, num_convs: int = 9, mask_skip: bool = False
+    ):
         super().__init__()
         self.num_classes = num_classes
         layers = [_conv_gn_relu(in_channels, conv_dim, stride=2)]
@@ -68,6 +78,9 @@ class CollaborativeHead(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.mask_pred = nn.Conv2d(conv_dim, num_classes + 1, 3, padding=1)
+        # A 1x1 projection of the 14x14 RoI features, added to the first deconv's 14x14 output (a U-Net style
+        # skip). Without it the mask only sees the 7x7 tower; see docs/BENCHMARKS.md (mask branch) for the gain.
+        self.mask_skip = nn.Conv2d(in_channels, conv_dim, 1, bias=False) if mask_skip else None
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -80,19 +93,22 @@ class CollaborativeHead(nn.Module):
         nn.init.constant_(self.offset_pred.bias, math.log(0.5))
         # mask_pred keeps the Kaiming init of the loop above (see the module docstring)
 
-    def features(self, x: Tensor) -> Tensor:
-        """(N, in, 14, 14) -> X (N, conv_dim, 7, 7)."""
-        return self.tower(x)
+    def features(self, x: Tensor) -> HeadFeatures:
+        """(N, in, 14, 14) -> X (N, conv_dim, 7, 7) and the optional 14x14 skip."""
+        return HeadFeatures(self.tower(x), None if self.mask_skip is None else self.mask_skip(x))
 
-    def offsets(self, feat: Tensor) -> Tensor:
+    def offsets(self, feat: HeadFeatures) -> Tensor:
         """X -> (N, 4, 7, 7) positive (l, t, r, b) in units of the RoI size."""
         # exp keeps every distance alive (ReLU units died at lr 0.02); the clamp keeps a wild early step from
         # overflowing: 8 RoI units is far beyond any box an RoI matched at IoU >= 0.5 can have.
-        return torch.exp(self.offset_pred(feat).clamp(max=_LOG_MAX_OFFSET))
+        return torch.exp(self.offset_pred(feat.tower).clamp(max=_LOG_MAX_OFFSET))
 
-    def mask_logits(self, feat: Tensor, classes: Tensor | None = None) -> Tensor:
-        """X -> (N, C+1, 28, 28) logits, or (N, 1, 28, 28) for `classes` (N,) only."""
-        up = self.upsample(feat)
+    def mask_logits(self, feat: HeadFeatures, classes: Tensor | None = None) -> Tensor:
+        """X (+ skip) -> (N, C+1, 28, 28) logits, or (N, 1, 28, 28) for `classes` (N,) only."""
+        up = self.upsample[0](feat.tower)
+        if feat.skip is not None:
+            up = up + feat.skip
+        up = self.upsample[1:](up)
         if classes is None:
             return self.mask_pred(up)
         n, c, h, w = up.shape

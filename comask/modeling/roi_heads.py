@@ -32,6 +32,7 @@ class CoMaskRoIHeads(nn.Module):
         fc_dim: int = 1024,
         conv_dim: int = 256,
         num_convs: int = 9,
+        mask_skip: bool = False,
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
         fg_iou_thresh: float = 0.5,
@@ -53,7 +54,7 @@ class CoMaskRoIHeads(nn.Module):
         self.cls_pooler = FPNRoIAlign(7, sampling_ratio)
         self.cls_head = ClassificationHead(in_channels, num_classes, fc_dim, 7)
         self.collab_pooler = FPNRoIAlign(14, sampling_ratio)
-        self.collab_head = CollaborativeHead(in_channels, num_classes, conv_dim, num_convs)
+        self.collab_head = CollaborativeHead(in_channels, num_classes, conv_dim, num_convs, mask_skip)
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.cls_loss_weight = cls_loss_weight
@@ -191,6 +192,7 @@ def build_comask_roi_heads(cfg, in_channels: int) -> CoMaskRoIHeads:
         fc_dim=int(box.fc_dim),
         conv_dim=int(col.conv_dim),
         num_convs=int(col.num_convs),
+        mask_skip=bool(col.mask_skip),
         batch_size_per_image=int(roi.batch_size_per_image),
         positive_fraction=float(roi.positive_fraction),
         fg_iou_thresh=float(roi.fg_iou_thresh),
