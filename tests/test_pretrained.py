@@ -161,7 +161,7 @@ def test_unusable_files_are_clear_errors(tmp_path):
     cfg = load_config("comask_r50_mfpn_2x_coco", ["model.backbone.depth=18", "model.backbone.norm=bn",
                                                    "model.fpn.channels=16", "model.num_classes=3", *SMALL_HEADS])
     model = build_model(cfg)
-    with pytest.raises(CheckpointError, match="model.init_from: .*does not exist"):
+    with pytest.raises(CheckpointError, match="model.init_from: .*not found"):
         init_from_torchvision_maskrcnn(model, tmp_path / "nope.pth")
     other = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, other)
@@ -169,7 +169,7 @@ def test_unusable_files_are_clear_errors(tmp_path):
         init_from_torchvision_maskrcnn(model, other)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="model.init_from: .*junk.pth: "):
         read_state_dict(junk, "model.init_from")
 
 
@@ -181,3 +181,15 @@ def test_checkpoint_loading_does_not_need_the_pretrained_files(tmp_path):
     with pytest.raises(CheckpointError, match="model.backbone.weights"):
         build_model(cfg)
     assert build_model(cfg, pretrained=False) is not None
+
+
+def test_read_state_dict_takes_assets_and_state_dict_layouts(tmp_path):
+    """One reader for every weights path: `asset:NAME` works for model.backbone.weights / model.init_from
+    too, and a training script's {'state_dict': ...} layout (mmdetection, Lightning) with a 'module.' prefix."""
+    sd = read_state_dict("asset:comask_mnv3_shapes_stage1.pth", "model.init_from")
+    assert "backbone.body.0.0.weight" in sd and all(isinstance(v, torch.Tensor) for v in sd.values())
+    path = tmp_path / "mmdet_style.pth"
+    torch.save({"state_dict": {"module.a.weight": torch.ones(2)}, "meta": {"epoch": 3}}, path)
+    assert list(read_state_dict(path, "model.init_from")) == ["a.weight"]
+    with pytest.raises(CheckpointError, match="model.backbone.weights: .*comask_nope.pth: checkpoint file not found"):
+        read_state_dict("asset:comask_nope.pth", "model.backbone.weights")

@@ -145,7 +145,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     `asset:NAME` names a file shipped in the package (`resolve_asset`).
 
     A bare state_dict (a mapping of tensors, e.g. a torchvision weights file) is returned as
-    `{"model": state_dict}` so callers can always read `ckpt["model"]`.
+    `{"model": state_dict}`, and one under 'state_dict' is also given as 'model', so callers can always read
+    `ckpt["model"]`.
     """
     path = resolve_asset(path)
     if not path.is_file():
@@ -171,6 +172,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
     obj = dict(obj)
+    if "model" not in obj and isinstance(obj.get("state_dict"), Mapping):
+        obj["model"] = obj["state_dict"]  # the layout of mmdetection / Lightning checkpoints
     if "model" not in obj:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return {"model": obj}

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comask.engine.checkpoint import load_checkpoint
 from comask.errors import CheckpointError
 from comask.modeling.backbone import load_backbone_weights
 
@@ -75,21 +76,15 @@ def _is_counter(key: str) -> bool:
 
 
 def read_state_dict(path: str | Path, field_name: str) -> dict[str, torch.Tensor]:
-    """A state_dict from a weights-only file: bare, or under 'model' / 'state_dict' (training scripts'
-    checkpoints); a DataParallel 'module.' prefix is removed. CheckpointError names `field_name`."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{field_name}: {p} does not exist; give the path of a local .pth file")
+    """A state_dict from a weights-only file (read by `load_checkpoint`, so `asset:NAME` works): bare, or
+    under 'model' / 'state_dict' (training scripts' checkpoints); a DataParallel 'module.' prefix is removed.
+    CheckpointError names `field_name`."""
     try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure of the safe unpickler means the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{field_name}: cannot read {p} as a weights-only checkpoint ({first})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{field_name}: {p} is not a state_dict of tensors")
+        obj: Any = load_checkpoint(path)["model"]
+    except CheckpointError as e:
+        raise CheckpointError(f"{field_name}: {e}") from None
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{field_name}: {path} is not a state_dict of tensors")
     sd = dict(obj)
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
