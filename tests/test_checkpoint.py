@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,17 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert torch.equal(got["model"]["w"], torch.full((3, 2), 1.0))
     assert got["meta"] == {"classes": ["x"], "cat_ids": [7]}
     assert not list((tmp_path / "sub").glob(f"{ck.TMP_PREFIX}*"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_checkpoint_gets_the_usual_file_mode(tmp_path: Path) -> None:
+    """Not the temp file's owner-only 0600: an exported or shared checkpoint is readable like any new file."""
+    old = os.umask(0o022)
+    try:
+        p = save_checkpoint(_ckpt(1.0), tmp_path / "m.pth")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
 
 
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

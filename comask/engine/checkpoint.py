@@ -58,6 +58,11 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only (0600); a checkpoint gets the mode any new file gets (0644 under the
+        # usual umask), so a shared run folder or an exported file stays readable to others
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(obj), f)
             f.flush()
