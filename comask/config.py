@@ -50,6 +50,14 @@ class Config(dict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def changed_sections(saved: Any, cfg: Config, sections: tuple[str, ...]) -> list[str]:
+    """The top-level `sections` in which `cfg` differs from `saved` (a resolved config as a plain dict, e.g. a
+    checkpoint's or a run folder's config.yaml; anything else counts as differing everywhere)."""
+    old = saved if isinstance(saved, dict) else {}
+    new = cfg.to_dict()
+    return [s for s in sections if old.get(s) != new.get(s)]
+
+
 def _wrap(v: Any) -> Any:
     if isinstance(v, Config):
         return v

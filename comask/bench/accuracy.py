@@ -69,13 +69,14 @@ def _check_same_config(run_dir: Path, cfg: Any) -> None:
         old = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"{saved}: cannot read the finished run's config ({e}); delete {run_dir} to retrain") from None
-    new = cfg.to_dict()
-    for section in ("model", "data", "schedule"):
-        if not isinstance(old, dict) or old.get(section) != new.get(section):
-            raise UserError(
-                f"{run_dir} holds a finished run whose '{section}' config differs from what {cfg.get('name')} resolves "
-                f"to now; delete that folder to retrain it, or use another --out"
-            )
+    from comask.config import changed_sections
+
+    changed = changed_sections(old, cfg, ("model", "data", "schedule"))
+    if changed:
+        raise UserError(
+            f"{run_dir} holds a finished run whose '{', '.join(changed)}' config differs from what {cfg.get('name')} "
+            f"resolves to now; delete that folder to retrain it, or use another --out"
+        )
 
 
 def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from comask.config import Config, ConfigError
+from comask.config import Config, ConfigError, changed_sections
 from comask.engine import dist
 from comask.engine.checkpoint import (
     checkpoint_name,
@@ -702,8 +702,7 @@ def _restore_rank_rng(rng: dict | None, info: dist.DistInfo, seed: int, start_it
 
 
 def _warn_config_drift(cfg: Config, ckpt: dict, path: Path) -> None:
-    old = ckpt.get("config") or {}
-    changed = [s for s in ("model", "input", "data") if old.get(s) != cfg.to_dict().get(s)]
+    changed = changed_sections(ckpt.get("config"), cfg, ("model", "input", "data"))
     if changed:
         log.warning("%s: resuming with a config whose %s differ(s) from the checkpoint's", path, ", ".join(changed))
 
