@@ -245,3 +245,21 @@ def test_resolve_device_one_rule_for_train_eval_predict(monkeypatch: pytest.Monk
     # under DDP each rank takes its own GPU
     assert resolve_device("cuda", local_rank=3) == resolve_device("auto", local_rank=3) == torch.device("cuda", 3)
     assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
+
+
+def test_mask_threshold_comes_from_config_and_can_be_overridden(ckpt) -> None:
+    """`model.test.mask_thresh` decides which mask probabilities are the mask, in predict as in eval."""
+    ramp = torch.linspace(0.0, 1.0, 10).reshape(1, 1, 1, 10).expand(1, 1, 10, 10)  # 0.0 .. 1.0 by column
+
+    def backend(images):
+        return [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1]),
+                 "scores": torch.tensor([0.9]), "masks": ramp.clone()} for _ in images]
+
+    def area(pred: Predictor) -> int:
+        return int(pred(_img(10, 10))["masks"].sum())
+
+    assert Predictor(ckpt).mask_thr == 0.5
+    assert Predictor(ckpt, mask_thr=0.3).mask_thr == 0.3
+    assert area(Predictor(backend=backend, classes=CLASSES)) == 50  # columns 5..9 exceed 0.5
+    assert area(Predictor(backend=backend, classes=CLASSES, mask_thr=0.3)) == 70
+    assert area(Predictor(backend=backend, classes=CLASSES, mask_thr=0.8)) == 20

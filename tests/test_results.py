@@ -73,3 +73,13 @@ def test_eval_predict_and_serve_rows_agree() -> None:
     assert sv[0]["area"] == int(inst["masks"][1].sum()) > 0 and "image_id" not in sv[0]
     with pytest.raises(ValueError, match="outside 1..2"):
         output_to_rows({**out, "labels": torch.tensor([3, 1, 1])}, 1, cat_ids)
+
+
+def test_mask_threshold_reaches_eval_rows() -> None:
+    """output_to_rows (what `comask eval` scores) binarises at `mask_thr` (model.test.mask_thresh)."""
+    ramp = torch.linspace(0.0, 1.0, W).reshape(1, 1, 1, W).expand(1, 1, H, W)
+    out = {"boxes": torch.tensor([[0.0, 0.0, W, H]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.9]),
+           "masks": ramp.clone()}
+    areas = [mask_util.area(output_to_rows(out, 1, [5], mask_thr=t)[0]["segmentation"]) for t in (0.3, 0.5, 0.8)]
+    assert areas[0] > areas[1] > areas[2] > 0
+    assert areas[1] == H * int((torch.linspace(0.0, 1.0, W) > 0.5).sum())

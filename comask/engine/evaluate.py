@@ -24,7 +24,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from comask.engine.results import output_to_rows
+from comask.engine.results import MASK_THRESHOLD, output_to_rows
 from comask.errors import DataError
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -256,7 +256,7 @@ def _shard_indices(n: int, rank: int, world: int) -> list[int]:
 @torch.no_grad()
 def run_inference(model: torch.nn.Module, dataset: Any, *, device: torch.device | str, batch_size: int = 2,
                   indices: Sequence[int] | None = None, num_workers: int = 0,
-                  progress: bool = True) -> tuple[list[dict], list[int]]:
+                  progress: bool = True, mask_thr: float = MASK_THRESHOLD) -> tuple[list[dict], list[int]]:
     """Run `model` over `dataset` (or the given indices) -> (COCO results rows, image ids seen).
 
     Rows use `dataset.cat_ids` and the original image size (`target["orig_size"]` when present).
@@ -284,7 +284,7 @@ def run_inference(model: torch.nn.Module, dataset: Any, *, device: torch.device 
             image_id = int(tgt["image_id"])
             size = tuple(int(s) for s in im.shape[-2:])
             orig = tuple(int(s) for s in tgt.get("orig_size", size))
-            rows.extend(output_to_rows(out, image_id, cat_ids, image_size=size, orig_size=orig))
+            rows.extend(output_to_rows(out, image_id, cat_ids, image_size=size, orig_size=orig, mask_thr=mask_thr))
             img_ids.append(image_id)
         done += len(images)
         if progress and sys.stderr.isatty():
@@ -315,8 +315,10 @@ def score_rows(coco_gt: COCO, rows: list[dict], img_ids: Sequence[int],
 
 def evaluate_model(model: torch.nn.Module, dataset: Any, *, device: torch.device | str = "cpu",
                    batch_size: int = 2, distributed: bool = False, out_dir: str | Path | None = None,
-                   num_workers: int = 0, verbose: bool = True) -> dict:
+                   num_workers: int = 0, verbose: bool = True, mask_thr: float = MASK_THRESHOLD) -> dict:
     """Evaluate a detection model on a COCO data set; every rank returns the same metrics dict.
+
+    Mask probabilities above `mask_thr` (the config's `model.test.mask_thresh`) are the scored masks.
 
     With `distributed`, each rank runs a strided shard and rank 0 gathers the rows and scores them.
     Rank 0 writes `metrics.json` and `results.json` (bbox + segm rows) into `out_dir` when given.
@@ -329,7 +331,7 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, *, device: torch.device
     indices = _shard_indices(len(dataset), rank, world) if world > 1 else None
     was_training = model.training
     rows, img_ids = run_inference(model, dataset, device=device, batch_size=batch_size, indices=indices,
-                                  num_workers=num_workers, progress=verbose and rank == 0)
+                                  num_workers=num_workers, progress=verbose and rank == 0, mask_thr=mask_thr)
     model.train(was_training)
     if world > 1:
         from comask.engine import dist
@@ -410,7 +412,8 @@ def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: l
             f"{_few(lm.cat_ids, 10)}; evaluate on the data set the model was trained for (or pass its --config)"
         )
     metrics = evaluate_model(lm.model, dataset, device=dev, batch_size=2, distributed=distributed,
-                             out_dir=out_dir, num_workers=int(cfg.data.get("num_workers", 0) or 0))
+                             out_dir=out_dir, num_workers=int(cfg.data.get("num_workers", 0) or 0),
+                             mask_thr=float(cfg.model.test.mask_thresh))
     skipped = dict(dataset.skipped)
     if skipped and dist.is_main_process():
         # data.skip_bad: the scores cover only the images that could be used; say how many could not

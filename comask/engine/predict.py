@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from comask.engine.results import binarize_masks, coco_rows, to_numpy
+from comask.engine.results import MASK_THRESHOLD, binarize_masks, coco_rows, to_numpy
 from comask.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -171,7 +171,7 @@ class Predictor:
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu",
                  score_thr: float = 0.5, config: str | Path | None = None, *, onnx: str | Path | None = None,
                  backend: Backend | None = None, classes: Sequence[str] | None = None,
-                 cat_ids: Sequence[int] | None = None):
+                 cat_ids: Sequence[int] | None = None, mask_thr: float | None = None):
         self.device = resolve_device(device)
         self.score_thr = float(score_thr)
         self.cfg = None
@@ -189,16 +189,22 @@ class Predictor:
         if not classes:
             raise UserError("Predictor: class names unknown (give classes=...)")
         self.backend = backend
+        # unless given: the checkpoint's model.test.mask_thresh, or the one an ONNX file was exported with
+        if mask_thr is None:
+            mask_thr = (float(self.cfg.model.test.mask_thresh) if self.cfg is not None
+                        else float(getattr(backend, "mask_thresh", MASK_THRESHOLD)))
+        self.mask_thr = float(mask_thr)
         self.classes = [str(c) for c in classes]
         self.cat_ids = [int(c) for c in (cat_ids or range(1, len(self.classes) + 1))]
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, classes: Sequence[str], cat_ids: Sequence[int] | None = None,
-                   device: str | torch.device = "cpu", score_thr: float = 0.5) -> Predictor:
+                   device: str | torch.device = "cpu", score_thr: float = 0.5,
+                   mask_thr: float = MASK_THRESHOLD) -> Predictor:
         """Wrap an already built model (e.g. right after training)."""
         dev = resolve_device(device)
         return cls(device=dev, score_thr=score_thr, backend=TorchBackend(model, dev), classes=classes,
-                   cat_ids=cat_ids)
+                   cat_ids=cat_ids, mask_thr=mask_thr)
 
     def __call__(self, image: ImageLike) -> dict[str, Any]:
         return self.predict_batch([image])[0]
@@ -229,7 +235,7 @@ class Predictor:
         if "masks" in out and len(keep):
             m = out["masks"]
             m = m[torch.from_numpy(keep)] if isinstance(m, torch.Tensor) else np.asarray(m)[keep]
-            masks = binarize_masks(m, hw)
+            masks = binarize_masks(m, hw, self.mask_thr)
         else:
             masks = np.zeros((len(keep), *hw), dtype=bool)
         return {

@@ -107,13 +107,15 @@ def output_to_rows(
     image_size: tuple[int, int] | None = None,
     orig_size: tuple[int, int] | None = None,
     score_thr: float = 0.0,
+    mask_thr: float = MASK_THRESHOLD,
     extra: Mapping[str, Any] | None = None,
 ) -> list[dict]:
     """One image's model output -> COCO results rows.
 
     `cat_ids[i]` is the COCO category id of contiguous label i+1. `image_size` is the (h, w) the model
     saw; when `orig_size` differs (an image resized before inference), boxes and masks are mapped back
-    so rows are always in the original image's pixels. `extra` is copied into every row (e.g. file_name).
+    so rows are always in the original image's pixels. Mask probabilities above `mask_thr` are the mask
+    (`model.test.mask_thresh`). `extra` is copied into every row (e.g. file_name).
     """
     boxes = to_numpy(output["boxes"]).astype(np.float32).reshape(-1, 4)
     scores = to_numpy(output["scores"]).astype(np.float32).reshape(-1)
@@ -128,5 +130,5 @@ def output_to_rows(
     if "masks" in output:
         m = output["masks"]
         m = m[torch.from_numpy(keep)] if isinstance(m, torch.Tensor) else np.asarray(m)[keep]
-        masks = binarize_masks(m, orig_size)
+        masks = binarize_masks(m, orig_size, mask_thr)
     return coco_rows(boxes, scores, [cat_ids[i - 1] for i in labels], masks, image_id=image_id, extra=extra)

@@ -527,7 +527,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             metrics = evaluate_model(
                 model, val_ds, device=device, distributed=world > 1,
                 out_dir=out if (final and is_main) else None, verbose=final and is_main,
-                batch_size=int(rt.eval_batch_size),
+                batch_size=int(rt.eval_batch_size), mask_thr=float(cfg.model.test.mask_thresh),
             )
         if is_main:
             logger.eval(it, {k: v for k, v in metrics.items() if k in ("bbox", "segm")})

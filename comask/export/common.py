@@ -104,4 +104,5 @@ def metadata(classes: list[str], cat_ids: list[int], cfg: Any, size: tuple[int, 
         "comask.input": "dynamic" if size is None else f"{size[0]}x{size[1]}",
         "comask.weights": str(weights),
         "comask.score_thresh": str(float(cfg.model.test.score_thresh)),
+        "comask.mask_thresh": str(float(cfg.model.test.mask_thresh)),
     }
