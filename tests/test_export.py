@@ -25,6 +25,7 @@ from PIL import Image
 from comask.cli import main
 from comask.config import load_config
 from comask.engine.checkpoint import load_checkpoint, save_checkpoint
+from comask.engine.predict import Predictor
 from comask.errors import CheckpointError, UserError
 from comask.export.common import parse_size
 from comask.export.ort import OnnxBackend
@@ -132,12 +133,14 @@ def test_fixed_size_export_and_images_without_detections(trained, tmp_path):
     # The same weights with a test score threshold no class probability can pass: zero detections.
     ckpt = load_checkpoint(trained["ckpt"])
     ckpt["config"]["model"]["test"]["score_thresh"] = 1.0
+    ckpt["config"]["model"]["test"]["mask_thresh"] = 0.35
     none_ckpt = save_checkpoint(ckpt, tmp_path / "none.pth")
     model_path = tmp_path / "fixed.onnx"
     assert main(["export", "onnx", "--weights", str(none_ckpt), "--out", str(model_path),
                  "--size", f"{SIZE}x{SIZE}"]) == 0
     backend = OnnxBackend(model_path)
     assert backend.fixed_size == (SIZE, SIZE) and backend.metadata["comask.input"] == f"{SIZE}x{SIZE}"
+    assert backend.mask_thresh == 0.35 and Predictor(onnx=model_path).mask_thr == 0.35  # the config's, carried
 
     img = torch.rand(3, SIZE, SIZE)
     other = torch.rand(3, 40, 72)  # resized to the fixed input and mapped back
