@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from comask.engine.results import MASK_THRESHOLD
 from comask.errors import CheckpointError
 from comask.export.common import INPUT_NAME, OUTPUT_NAMES
 
@@ -66,7 +67,7 @@ class OnnxBackend:
         self.metadata = dict(meta)
         self.classes: list[str] = json.loads(meta.get("comask.classes", "[]"))
         self.cat_ids: list[int] = [int(c) for c in json.loads(meta.get("comask.cat_ids", "[]"))]
-        self.mask_thresh = float(meta.get("comask.mask_thresh", 0.5))  # files exported before the key: 0.5
+        self.mask_thresh = float(meta.get("comask.mask_thresh", MASK_THRESHOLD))  # exported before the key
 
     def _run_one(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         img = image.detach().to("cpu", torch.float32)
