@@ -183,6 +183,21 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     return validate(cfg, str(path))
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a config saved in a checkpoint (already resolved, no _base_)."""
-    return validate(Config(copy.deepcopy(data)), "checkpoint config")
+# Keys added after checkpoints were first written, with the value a checkpoint without them gets: its stored
+# config then still builds a model, and `--opts` can still set them.
+_ADDED_KEYS: dict[str, Any] = {
+    "model.test.nms_after_vote": True,  # 2026-12-01: NMS again on CoMask's voted boxes
+}
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """Rebuild a config saved in a checkpoint (already resolved, no _base_), then apply `overrides`."""
+    data = copy.deepcopy(data)
+    for dotted, value in _ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return validate(Config(apply_overrides(data, overrides)), "checkpoint config")

@@ -43,7 +43,7 @@ def test_half_precision_proposals_are_pooled_and_voted_in_float32() -> None:
 
 def test_eval_forward_under_cpu_bf16_autocast() -> None:
     cfg = load_config("comask_r18_mfpn_shapes", [
-        "model.test.score_thresh=0.0", "model.test.detections_per_img=20",
+        "model.test.score_thresh=0.0", "model.test.detections_per_img=20", "model.test.nms_after_vote=false",
         "input.min_size_test=64", "input.max_size_test=96",
     ])
     torch.manual_seed(0)

@@ -195,3 +195,21 @@ def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
     assert torch.equal(got[0], expected[0])
     assert np.array_equal(got[1], expected[1])
     assert got[2] == expected[2] and got[3] == expected[3]
+
+
+def test_config_of_a_checkpoint_from_before_a_key_was_added():
+    """A checkpoint whose stored config predates model.test.nms_after_vote still builds, gets the key's
+    default, accepts --opts for it, and is not modified in place."""
+    import copy
+
+    from comask.config import load_config
+
+    saved = load_config("comask_r18_mfpn_shapes").to_dict()
+    del saved["model"]["test"]["nms_after_vote"]
+    ckpt = {"model": {}, "config": saved}
+    before = copy.deepcopy(saved)
+    cfg = ck.checkpoint_config(ckpt, "old.pth")
+    assert cfg.model.test.nms_after_vote is True
+    cfg = ck.checkpoint_config(ckpt, "old.pth", opts=["model.test.nms_after_vote=false", "model.test.nms_thresh=0.4"])
+    assert cfg.model.test.nms_after_vote is False and cfg.model.test.nms_thresh == 0.4
+    assert saved == before

@@ -202,7 +202,7 @@ def _check_result(r, hw, max_det=100, score_thresh=0.0):
 @pytest.mark.parametrize("collaborative", [True, False])
 def test_eval_forward(collaborative):
     torch.manual_seed(0)
-    heads = _heads(collaborative=collaborative, score_thresh=0.05, detections_per_img=25)
+    heads = _heads(collaborative=collaborative, score_thresh=0.05, detections_per_img=25, nms_after_vote=False)
     heads.eval()
     with torch.no_grad():
         results, losses = heads(_features(), _proposals(n=60), SHAPES)
@@ -210,6 +210,37 @@ def test_eval_forward(collaborative):
     for r, hw in zip(results, SHAPES):
         _check_result(r, hw, max_det=25, score_thresh=0.05)
     assert results[0]["boxes"].shape[0] == 25  # 60 proposals x 4 classes at ~0.2 each: plenty
+    heads.nms_after_vote = True
+    with torch.no_grad():
+        again, _ = heads(_features(), _proposals(n=60), SHAPES)
+    for r, r0, hw in zip(again, results, SHAPES):
+        _check_result(r, hw, max_det=25, score_thresh=0.05)
+        assert 0 < r["boxes"].shape[0] <= r0["boxes"].shape[0]
+
+
+def test_nms_after_vote_drops_proposals_that_voted_for_the_same_box():
+    """Two disjoint proposals (never suppressed by the first NMS) whose votes land on one box: with
+    nms_after_vote one detection per class is left, the higher-scored one, and its mask is recomputed on
+    the voted box; without, both stay (one would be a false positive at every IoU threshold)."""
+    torch.manual_seed(0)
+    props = [torch.tensor([[4.0, 4.0, 40.0, 40.0], [60.0, 40.0, 120.0, 90.0]])]
+    same = torch.tensor([[20.0, 20.0, 80.0, 70.0]])
+    counts = {}
+    for after in (False, True):
+        heads = _heads(score_thresh=0.0, nms_after_vote=after)
+        heads.eval()
+        heads._vote = lambda feats, boxes, labels, shapes: [same.expand(b.shape[0], 4).clone() for b in boxes]
+        with torch.no_grad():
+            (r,), _ = heads(_features(batch=1), props, SHAPES[:1])
+            _, (scores,), (labels,) = heads._detect(_features(batch=1), props, SHAPES[:1])
+        counts[after] = r["boxes"].shape[0]
+        assert r["masks"].shape[0] == r["labels"].shape[0] == r["scores"].shape[0] == counts[after]
+        assert (r["boxes"] == same).all()
+        if after:
+            assert sorted(r["labels"].tolist()) == list(range(1, NUM_CLASSES + 1))
+            for lab, sc in zip(r["labels"], r["scores"]):
+                assert sc == scores[labels == lab].max()
+    assert counts == {False: 2 * NUM_CLASSES, True: NUM_CLASSES}
 
 
 def test_eval_zero_detections_and_zero_proposals():
@@ -258,6 +289,7 @@ def test_build_from_config():
     assert heads.collaborative is True and heads.vote_thresh == 0.5
     assert heads.fg_bg_sampler.batch_size_per_image == 512 and heads.max_pos_per_image == 192
     assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.05, 0.5, 100)
+    assert heads.nms_after_vote is True
     cfg = load_config(
         "comask_r50_mfpn_2x_coco",
         ["model.collab_head.collaborative=false", "model.collab_head.conv_dim=32", "model.num_classes=3"],

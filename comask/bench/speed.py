@@ -8,7 +8,9 @@ Inference: batch 1, eval mode, a fixed random image of exactly the requested siz
 resize is set to that size, so the network sees H x W, padded to a multiple of 32 as always). A
 random-initialised detector scores every class near 1/(C+1), below the usual 0.05 threshold, and
 would then run its mask stage on nothing; the benchmark sets `model.test.score_thresh=0` so that both
-models always return `detections_per_img` detections and the RoI heads do their full test-time work.
+models always return `detections_per_img` detections and the RoI heads do their full test-time work
+(and turns off CoMask's NMS after voting, which on a random model's votes would drop an arbitrary share
+of the detections before the mask pass: the measured cost is the worst case, every detection masked).
 
 Training (`--train`): one SGD step (forward, backward, update) on a batch of `schedule.ims_per_batch`
 shapes-bench images drawn by the synthetic generator at the config's training size.
@@ -121,6 +123,7 @@ def _inference_cfg(spec: dict[str, Any]) -> Any:
     h, w = spec["size"]
     opts = list(spec.get("opts") or []) + [
         "model.test.score_thresh=0.0",
+        "model.test.nms_after_vote=false",
         f"input.min_size_test={min(h, w)}",
         f"input.max_size_test={max(h, w)}",
     ]

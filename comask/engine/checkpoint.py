@@ -194,12 +194,12 @@ def checkpoint_config(ckpt: Mapping[str, Any], source: str | Path, config: str |
                       opts: list[str] | None = None):
     """The config to build a checkpoint's model with: `config` (+ `opts`) when given, else the resolved config
     the checkpoint stores (+ `opts`); a bare state_dict without `config` is a CheckpointError."""
-    from comask.config import apply_overrides, config_from_dict, load_config
+    from comask.config import config_from_dict, load_config
 
     if config is not None:
         return load_config(config, opts)
     if isinstance(ckpt.get("config"), dict):
-        return config_from_dict(apply_overrides(dict(ckpt["config"]), opts))
+        return config_from_dict(ckpt["config"], opts)
     raise CheckpointError(f"{source}: checkpoint stores no config (a bare state_dict?); pass --config")
 
 

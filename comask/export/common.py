@@ -37,29 +37,29 @@ class InferenceModule(nn.Module):
         return out["boxes"], out["labels"], out["scores"], out["masks"]
 
 
-class _PaddedSegment:
-    """CoMaskRoIHeads._segment with one dummy detection appended per image and removed afterwards.
+class _PaddedRoIPass:
+    """A per-RoI pass of CoMaskRoIHeads (`_vote`, `_masks`) with one dummy RoI appended per image and removed after.
 
     ONNX Runtime cannot reshape an empty tensor to a shape with a -1 entry, and the exporter lowers
     GroupNorm and several reshapes of the collaborative head to exactly that; with zero detections the
     graph would fail. Every op of the head works on each RoI alone, so a dummy RoI changes no other result.
     """
 
-    def __init__(self, segment):
-        self.segment = segment
+    def __init__(self, roi_pass):
+        self.roi_pass = roi_pass
 
-    def __call__(self, features, boxes: list[Tensor], labels: list[Tensor], image_shapes):
+    def __call__(self, features, boxes: list[Tensor], labels: list[Tensor], image_shapes) -> list[Tensor]:
         dummy_box = [torch.cat([b, b.new_tensor([[0.0, 0.0, 1.0, 1.0]])]) for b in boxes]
         dummy_lab = [torch.cat([lab, lab.new_ones(1)]) for lab in labels]
-        voted, masks = self.segment(features, dummy_box, dummy_lab, image_shapes)
-        return [v[:-1] for v in voted], [m[:-1] for m in masks]
+        return [out[:-1] for out in self.roi_pass(features, dummy_box, dummy_lab, image_shapes)]
 
 
 def onnx_friendly(model: nn.Module) -> nn.Module:
     """Make the CoMask RoI stage of `model` (in place) safe for images without detections in ONNX Runtime."""
     heads = getattr(model, "roi_heads", None)
-    if heads is not None and callable(getattr(type(heads), "_segment", None)):
-        heads._segment = _PaddedSegment(heads._segment)
+    for name in ("_vote", "_masks"):
+        if heads is not None and callable(getattr(type(heads), name, None)):
+            setattr(heads, name, _PaddedRoIPass(getattr(heads, name)))
     return model
 
 

@@ -3,9 +3,9 @@
 Training: sampled RoIs -> classification CE; jittered positives -> collaborative head -> IoU loss on
 the dense offsets and BCE on the ground-truth class's coarse mask.
 Test: class scores on the proposals -> per-class score filter and NMS -> top detections -> one pass of
-the collaborative head on the detections (offsets + predicted-class mask -> M_s -> voted box) -> a
-second RoIAlign on the voted boxes -> the same head -> the class's 28x28 mask. Every step runs on all
-RoIs of the batch at once.
+the collaborative head on the detections (offsets + predicted-class mask -> M_s -> voted box) -> per-class
+NMS again on the voted boxes -> a second RoIAlign on the kept boxes -> the same head -> the class's 28x28
+mask. Every step runs on all RoIs of the batch at once.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class CoMaskRoIHeads(nn.Module):
         collaborative: bool = True,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
+        nms_after_vote: bool = True,
         detections_per_img: int = 100,
         sampling_ratio: int = 2,
     ):
@@ -66,6 +67,7 @@ class CoMaskRoIHeads(nn.Module):
         self.collaborative = collaborative
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
+        self.nms_after_vote = nms_after_vote
         self.detections_per_img = detections_per_img
 
     # ---------------------------------------------------------------- training
@@ -128,17 +130,16 @@ class CoMaskRoIHeads(nn.Module):
             out_labels.append(labels[keep])
         return out_boxes, out_scores, out_labels
 
-    def _segment(
+    def _vote(
         self,
         features: dict[str, Tensor],
         boxes: list[Tensor],
         labels: list[Tensor],
         image_shapes: list[tuple[int, int]],
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Voted boxes and (N, 1, 28, 28) mask probabilities for the detections of every image."""
+    ) -> list[Tensor]:
+        """Per image: the voted box (N, 4) of every detection (first pass of the collaborative head)."""
         counts = [b.shape[0] for b in boxes]
         rois = torch.cat(boxes)
-        cls = torch.cat(labels)
         # torch.stack, not torch.tensor: while tracing for ONNX export the sizes are 0-d tensors, and
         # torch.tensor would freeze them at the example image's size (wrong clipping at other sizes).
         hw = torch.cat(
@@ -149,15 +150,26 @@ class CoMaskRoIHeads(nn.Module):
         ).reshape(-1, 2)
         head = self.collab_head
         feat = head.features(self.collab_pooler(features, boxes, image_shapes))
-        # Voting and the mask in float32 under autocast: in half precision a decoded coordinate near 1000 px is
-        # off by up to 0.5 px (float16) or 4 px (bfloat16), and bfloat16 masks cannot become numpy arrays.
+        # Voting in float32 under autocast: in half precision a decoded coordinate near 1000 px is off by up
+        # to 0.5 px (float16) or 4 px (bfloat16).
         offsets = head.offsets(feat).float()
-        fg = fg_confidence(head.mask_logits(feat, cls).float())
+        fg = fg_confidence(head.mask_logits(feat, torch.cat(labels)).float())
         voted = clamp_boxes(vote_boxes(rois, offsets, fg, self.vote_thresh, self.collaborative), hw)
-        voted_per_image = list(voted.split(counts))
-        feat = head.features(self.collab_pooler(features, voted_per_image, image_shapes))
-        masks = head.mask_logits(feat, cls).float().sigmoid()
-        return voted_per_image, list(masks.split(counts))
+        return list(voted.split(counts))
+
+    def _masks(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> list[Tensor]:
+        """Per image: (N, 1, 28, 28) mask probabilities of the class `labels` over `boxes` (second pass)."""
+        head = self.collab_head
+        feat = head.features(self.collab_pooler(features, boxes, image_shapes))
+        # float32: bfloat16 masks cannot become numpy arrays
+        masks = head.mask_logits(feat, torch.cat(labels)).float().sigmoid()
+        return list(masks.split([b.shape[0] for b in boxes]))
 
     def forward(
         self,
@@ -174,7 +186,15 @@ class CoMaskRoIHeads(nn.Module):
             targets = self._check_targets(targets, len(proposals))
             return [], self._losses(features, proposals, image_shapes, targets)
         boxes, scores, labels = self._detect(features, proposals, image_shapes)
-        voted, masks = self._segment(features, boxes, labels, image_shapes)
+        voted = self._vote(features, boxes, labels, image_shapes)
+        if self.nms_after_vote:
+            # Proposals that overlap too little to suppress each other can vote for the same object's box:
+            # without a second NMS both stay, and one of them is a false positive at every IoU threshold.
+            keeps = [batched_nms(b, s, lab, self.nms_thresh) for b, s, lab in zip(voted, scores, labels)]
+            voted = [b[k] for b, k in zip(voted, keeps)]
+            scores = [s[k] for s, k in zip(scores, keeps)]
+            labels = [lab[k] for lab, k in zip(labels, keeps)]
+        masks = self._masks(features, voted, labels, image_shapes)
         results = [
             {"boxes": b, "labels": lab, "scores": s, "masks": m}
             for b, lab, s, m in zip(voted, labels, scores, masks)
@@ -206,5 +226,6 @@ def build_comask_roi_heads(cfg, in_channels: int) -> CoMaskRoIHeads:
         collaborative=bool(col.collaborative),
         score_thresh=float(test.score_thresh),
         nms_thresh=float(test.nms_thresh),
+        nms_after_vote=bool(test.nms_after_vote),
         detections_per_img=int(test.detections_per_img),
     )
