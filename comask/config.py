@@ -186,7 +186,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
 # Keys added after checkpoints were first written, with the value a checkpoint without them gets: its stored
 # config then still builds a model, and `--opts` can still set them.
 _ADDED_KEYS: dict[str, Any] = {
-    "model.test.nms_after_vote": True,  # 2026-12-01: NMS again on CoMask's voted boxes
+    "model.msfem.placement": "after_fpn",  # 2026-11-23: the layout such checkpoints were trained with
+    "model.collab_head.mask_skip": False,  # 2026-12-01: trained without the skip conv
+    "model.test.nms_after_vote": True,  # 2026-12-01: NMS again on CoMask's voted boxes (test time only)
 }
 
 

@@ -198,18 +198,20 @@ def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
 
 
 def test_config_of_a_checkpoint_from_before_a_key_was_added():
-    """A checkpoint whose stored config predates model.test.nms_after_vote still builds, gets the key's
-    default, accepts --opts for it, and is not modified in place."""
+    """A checkpoint whose stored config predates model.test.nms_after_vote and model.collab_head.mask_skip
+    still builds, gets the values such checkpoints were made with, accepts --opts for them, and is not
+    modified in place."""
     import copy
 
     from comask.config import load_config
 
     saved = load_config("comask_r18_mfpn_shapes").to_dict()
     del saved["model"]["test"]["nms_after_vote"]
+    del saved["model"]["collab_head"]["mask_skip"]
     ckpt = {"model": {}, "config": saved}
     before = copy.deepcopy(saved)
     cfg = ck.checkpoint_config(ckpt, "old.pth")
-    assert cfg.model.test.nms_after_vote is True
+    assert cfg.model.test.nms_after_vote is True and cfg.model.collab_head.mask_skip is False
     cfg = ck.checkpoint_config(ckpt, "old.pth", opts=["model.test.nms_after_vote=false", "model.test.nms_thresh=0.4"])
     assert cfg.model.test.nms_after_vote is False and cfg.model.test.nms_thresh == 0.4
     assert saved == before

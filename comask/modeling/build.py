@@ -37,7 +37,7 @@ def build_backbone(cfg) -> nn.Module:
     )
     if m.msfem.branches == 0:
         return fpn
-    placement = m.msfem.get("placement", "after_fpn")
+    placement = m.msfem.placement
     args = (m.msfem.branches, m.msfem.residual, m.msfem.attention_reduction)
     if placement == "in_fpn":
         return msfem_in_fpn(fpn, *args)
