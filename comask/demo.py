@@ -2,7 +2,7 @@
 
 Two routes (issue 8). The default fine-tunes the MobileNetV3-Large CoMask from the checkpoint shipped in
 the package (comask/assets/comask_mnv3_shapes_demo.pth, which this project trained on the demo generator
-with another seed; docs/PRETRAINED.md has the commands that rebuild it, in three stages). `--from-scratch`
+with another seed; docs/PRETRAINED.md has the commands that rebuild it, in four stages). `--from-scratch`
 trains the ResNet-18 demo model from random weights instead, for comparison: in 15 CPU minutes it stays far
 below the fine-tuned model.
 
@@ -26,7 +26,7 @@ from comask.errors import CheckpointError
 DEMO_CONFIG = "comask_mnv3_mfpn_demo"  # fine-tunes PRETRAINED_FILE
 SCRATCH_CONFIG = "comask_r18_mfpn_demo"  # --from-scratch
 PRETRAINED_FILE = "comask_mnv3_shapes_demo.pth"
-# How PRETRAINED_FILE is made (docs/PRETRAINED.md: three stages). The error for a missing file names the
+# How PRETRAINED_FILE is made (docs/PRETRAINED.md: four stages). The error for a missing file names the
 # shortest route to a working file: the config as it is (stage 2, from the shipped stage-1 file), exported.
 PRETRAIN_COMMAND = "comask train --config comask_mnv3_mfpn_shapes_demo_pretrain --out runs/demo_pretrain"
 EXPORT_COMMAND = "comask export weights --weights runs/demo_pretrain/model_final.pth --half --out {path}"
@@ -59,7 +59,7 @@ def require_pretrained() -> Path:
     if not path.is_file() or path.stat().st_size == 0:
         raise CheckpointError(
             f"{path}: the demo's pretrained checkpoint is missing; rebuild it with `{PRETRAIN_COMMAND}` and then "
-            f"`{EXPORT_COMMAND.format(path=path)}` (stage 2; docs/PRETRAINED.md has stage 3), or run `comask demo --from-scratch`"
+            f"`{EXPORT_COMMAND.format(path=path)}` (stage 2; docs/PRETRAINED.md has stages 3 and 4), or run `comask demo --from-scratch`"
         )
     return path
 
