@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=_cmd_serve)
 
-    b = sub.add_parser("bench", help="speed / accuracy / ablation benchmarks")
-    b.add_argument("kind", choices=["speed", "accuracy", "ablation"])
+    b = sub.add_parser("bench", help="speed / accuracy / ablation / roi-align benchmarks")
+    b.add_argument("kind", choices=["speed", "accuracy", "ablation", "roi-align"])
     b.add_argument("--config", default=None)
     b.add_argument("--compare", default=None)
     b.add_argument("--weights", default=None)

@@ -138,4 +138,10 @@ def run_bench(a: argparse.Namespace) -> int:
         return _accuracy(a, ablation=False)
     if a.kind == "ablation":
         return _accuracy(a, ablation=True)
-    raise ConfigError(f"unknown benchmark {a.kind!r}: use speed, accuracy or ablation")
+    if a.kind == "roi-align":
+        from comask.bench.roi_align_grad import run
+
+        configs = [c for c in (a.config, a.compare) if c] or ["comask_mnv3_mfpn_shapes", "maskrcnn_mnv3_fpn_shapes"]
+        run(configs, rounds=a.repeats, threads=a.threads or 1)
+        return 0
+    raise ConfigError(f"unknown benchmark {a.kind!r}: use speed, accuracy, ablation or roi-align")

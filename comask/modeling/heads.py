@@ -4,7 +4,9 @@
 k = floor(4 + log2(sqrt(wh) / 224)), clamped to the pooled levels), but with `aligned=True`
 RoIAlign: torchvision's pooler hard-codes `aligned=False`, which samples half a pixel off, and the
 collaborative head regresses sub-cell box offsets, so the half-pixel shift matters there. Both heads
-of the RoI stage use the same pooler so their features agree.
+of the RoI stage use the same pooler so their features agree. The Mask R-CNN baseline uses it too, with
+`aligned=False` (torchvision's pooler, same levels), so that both models train with the fast CPU backward
+of `comask.modeling.roi_align`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+
+from comask.modeling.roi_align import roi_align
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")  # P2..P5; P6 ("pool") only feeds the RPN, as in FPN
 
