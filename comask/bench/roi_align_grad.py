@@ -63,11 +63,14 @@ def step_times(config: str, rounds: int) -> dict[str, list[float]]:
 
     step()  # warm-up
     out = {k: [] for k in OPS}
-    for _ in range(rounds):
-        for name, op in OPS.items():
-            heads.roi_align = op  # both models pool through comask.modeling.heads.FPNRoIAlign
-            out[name].append(_cpu(step))
-    heads.roi_align = fast_roi_align
+    installed = heads.roi_align
+    try:
+        for _ in range(rounds):
+            for name, op in OPS.items():
+                heads.roi_align = op  # both models pool through comask.modeling.heads.FPNRoIAlign
+                out[name].append(_cpu(step))
+    finally:
+        heads.roi_align = installed
     return out
 
 
