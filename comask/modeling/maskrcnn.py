@@ -9,9 +9,6 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from comask.modeling.comask import TwoStageDetector
 from comask.modeling.heads import FPNRoIAlign
 
-# RoI features come from P2..P5 (torchvision's choice; P6 only feeds the RPN)
-ROI_LEVELS = ["0", "1", "2", "3"]
-
 
 class MaskRCNN(TwoStageDetector):
     """Mask R-CNN (He et al. 2017) in the CoMask harness: comparisons differ only in the RoI heads
@@ -27,10 +24,10 @@ def build_maskrcnn_roi_heads(cfg, in_channels: int) -> RoIHeads:
     num_classes = m.num_classes + 1  # + background
     fc_dim = m.box_head.fc_dim
     conv_dim = m.mask_head.conv_dim
-    # torchvision's MultiScaleRoIAlign computes the same thing (same level rule, aligned=False); ours adds the
-    # fast CPU backward that CoMask's pooler has, so that neither model's training step is slowed by the other's op
-    box_pool = FPNRoIAlign(7, sampling_ratio=2, featmap_names=tuple(ROI_LEVELS), aligned=False)
-    mask_pool = FPNRoIAlign(14, sampling_ratio=2, featmap_names=tuple(ROI_LEVELS), aligned=False)
+    # CoMask's pooler on P2..P5 with aligned=False computes what torchvision's MultiScaleRoIAlign does (same
+    # level rule) and adds the fast CPU backward, so both models train with the same RoIAlign cost
+    box_pool = FPNRoIAlign(7, sampling_ratio=2, aligned=False)
+    mask_pool = FPNRoIAlign(14, sampling_ratio=2, aligned=False)
     return RoIHeads(
         box_roi_pool=box_pool,
         box_head=TwoMLPHead(in_channels * 7 * 7, fc_dim),
