@@ -19,7 +19,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check comask tests
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -x --durations=15
+	@# A crash (signal) ends pytest without a summary: name the test that was running, from conftest's log.
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -x --durations=15 || { rc=$$?; \
+	  [ $$rc -gt 128 ] && echo "pytest died (exit $$rc) in: $$(cat .pytest-running 2>/dev/null)"; exit $$rc; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check comask tests

@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import copy
+import faulthandler
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +25,19 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # On a crash, print only the crashing thread's stack (pytest's own handler, switched off in pyproject,
+    # prints every thread, and the CI log's tail held idle server threads instead of the frames that matter).
+    # A copy of the real stderr: pytest points fd 2 at its capture file while a test runs.
+    faulthandler.enable(file=os.dup(sys.stderr.fileno()), all_threads=False)
     # pycocotools' decode triggers a numpy-2 DeprecationWarning on every call; it says nothing about our code
     config.addinivalue_line(
         "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
     )
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    # The Makefile prints this file when pytest dies from a signal, which leaves no summary behind.
+    Path(".pytest-running").write_text(nodeid + "\n")
 
 
 @dataclass
