@@ -595,7 +595,8 @@ class CocoDataset(torch.utils.data.Dataset):
             out_hw = T.resize_shape(h, w, short, self.max_size)
             if out_hw != (h, w):
                 arr = T.resize_image(torch.from_numpy(arr).permute(2, 0, 1), out_hw).permute(1, 2, 0).numpy()
-            boxes = T.scale_boxes(boxes, out_hw[1] / w, out_hw[0] / h)
+            # clip: a box on the image's edge can land a float32 rounding past the new edge, and flip below 0
+            boxes = T.clip_boxes(T.scale_boxes(boxes, out_hw[1] / w, out_hw[0] / h), *out_hw)
         masks = T.rasterize_np(segms, (h, w), out_hw)
         if self.train and self.flip_prob > 0 and float(torch.rand(())) < self.flip_prob:
             arr, masks = arr[:, ::-1], masks[:, :, ::-1]
