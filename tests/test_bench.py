@@ -210,3 +210,27 @@ def test_ablation_variants_select_rows_and_b4_reuses_the_accuracy_run(tmp_path: 
     assert run_dir_name("comask_B0", "comask_mnv3_mfpn_shapes", ["model.msfem.branches=0"]) == (
         "comask_mnv3_mfpn_shapes-comask_B0")
     assert run_dir_name("comask_B0", b4[1], ["model.msfem.branches=0"]) == "comask_B0"
+
+
+def test_shapes_pair_starts_from_the_same_pretrained_tensors() -> None:
+    """The accuracy pair is a fair comparison only if both models take the same tensors from the shared
+    checkpoint, and only parts both have (body, FPN laterals, RPN head): not MSFEM, FPN output convs or heads."""
+    from comask.config import load_config
+    from comask.engine.checkpoint import load_checkpoint, load_model_weights
+    from comask.modeling.build import build_model
+
+    loaded = {}
+    for name in ("comask_mnv3_mfpn_shapes", "maskrcnn_mnv3_fpn_shapes"):
+        cfg = load_config(name)
+        src = load_checkpoint(cfg.runtime.load_from)["model"]
+        state = {k: v for k, v in src.items() if k.startswith(tuple(cfg.runtime.load_only))}
+        model = build_model(cfg, pretrained=False)
+        report = load_model_weights(model, state, strict=False, source=name)
+        assert not report["shape_mismatch"] and sorted(report["loaded"]) == sorted(state)
+        own = model.state_dict()
+        assert all(torch.equal(own[k], state[k].to(own[k].dtype)) for k in state)
+        loaded[name] = set(report["loaded"])
+    a, b = loaded.values()
+    assert a == b
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in a} == {"backbone.body", "backbone.fpn", "rpn.head"}
+    assert not any(k.startswith(("backbone.fpn.layer_blocks.", "roi_heads.")) for k in a)
