@@ -217,13 +217,14 @@ def test_shapes_pair_starts_from_the_same_pretrained_tensors() -> None:
     checkpoint, and only parts both have (body, FPN laterals, RPN head): not MSFEM, FPN output convs or heads."""
     from comask.config import load_config
     from comask.engine.checkpoint import load_checkpoint, load_model_weights
+    from comask.engine.train import select_prefixes
     from comask.modeling.build import build_model
 
     loaded = {}
     for name in ("comask_mnv3_mfpn_shapes", "maskrcnn_mnv3_fpn_shapes"):
         cfg = load_config(name)
         src = load_checkpoint(cfg.runtime.load_from)["model"]
-        state = {k: v for k, v in src.items() if k.startswith(tuple(cfg.runtime.load_only))}
+        state = select_prefixes(src, tuple(cfg.runtime.load_only))  # as training does
         model = build_model(cfg, pretrained=False)
         report = load_model_weights(model, state, strict=False, source=name)
         assert not report["shape_mismatch"] and sorted(report["loaded"]) == sorted(state)

@@ -83,6 +83,12 @@ class OutputDirError(UserError):
 # ---------------------------------------------------------------------------------------------
 
 
+def select_prefixes(state: dict, prefixes: tuple[str, ...]) -> dict:
+    """`runtime.load_only`: the tensors whose names start with one of `prefixes` (e.g. [backbone.body.]: the same
+    pretrained body under two detectors, nothing else shared)."""
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
 def check_output_dir(out_dir: str | Path, min_free_mb: float) -> None:
     """Create `out_dir` if needed and prove it is writable with `min_free_mb` free, or raise OutputDirError."""
     out = Path(out_dir)
@@ -422,8 +428,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         state = init["model"]
         only = tuple(rt.get("load_only") or ())
         if only:
-            # e.g. [backbone.body.]: the same pretrained body under two detectors, nothing else shared
-            state = {k: v for k, v in state.items() if k.startswith(only)}
+            state = select_prefixes(state, only)
             if not state:
                 raise CheckpointError(f"runtime.load_only={list(only)}: no tensor of {rt.load_from} starts with these "
                                       "prefixes; check the key names (e.g. backbone.body.)")
