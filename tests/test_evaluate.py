@@ -240,7 +240,8 @@ root = Path({root!r}) / f"r{{info.rank}}"
 root.mkdir()
 ds = CocoDataset(_write_coco(root), root, train=False)
 m = evaluate_model(_OracleModel(ds), ds, distributed=True, out_dir=Path({root!r}) / "out", verbose=False)
-print(f"RESULT rank={{info.rank}} images={{m['num_images']}} ap={{m['segm']['AP']:.3f}}", flush=True)
+# one file per rank: two processes printing to the same pipe can interleave their lines
+(root / "result.txt").write_text(f"rank={{info.rank}} images={{m['num_images']}} ap={{m['segm']['AP']:.3f}}")
 dist.cleanup(info)
 """
 
@@ -256,6 +257,6 @@ def test_evaluate_model_gathers_across_two_ranks(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    assert results == ["RESULT rank=0 images=3 ap=1.000", "RESULT rank=1 images=3 ap=1.000"]
+    results = [(tmp_path / f"r{r}" / "result.txt").read_text() for r in (0, 1)]
+    assert results == ["rank=0 images=3 ap=1.000", "rank=1 images=3 ap=1.000"]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_images"] == 3
