@@ -108,6 +108,7 @@ def test_mask_skip_carries_14x14_detail_to_the_mask():
     it is wired in at 14x14 and reaches the 28x28 mask through one 2x2 deconv and the 3x3 logits conv."""
     torch.manual_seed(0)
     head = CollaborativeHead(CH, NUM_CLASSES, conv_dim=16, num_convs=1, mask_skip=True).eval()
+    torch.nn.init.normal_(head.mask_skip.weight, std=0.3)  # as after training; it starts at zero
     x = torch.randn(1, CH, 14, 14)
     y = x.clone()
     y[:, :, 6:8, 6:8] += 3.0
@@ -119,6 +120,21 @@ def test_mask_skip_carries_14x14_detail_to_the_mask():
     d = (skip_only - base).abs()[0, 0]
     # GroupNorm's statistics spread a little of the change everywhere; the bulk stays local
     assert d[11:17, 11:17].mean() > 5 * d[:8, :8].mean()
+
+
+def test_mask_skip_starts_as_methods_head():
+    """At initialisation the skip adds nothing: the mask equals the 7x7-tower-only head's, yet the skip's
+    weight gets a gradient from the mask loss, so it can grow in."""
+    torch.manual_seed(0)
+    with_skip = CollaborativeHead(CH, NUM_CLASSES, conv_dim=16, num_convs=1, mask_skip=True)
+    without = CollaborativeHead(CH, NUM_CLASSES, conv_dim=16, num_convs=1, mask_skip=False)
+    without.load_state_dict({k: v for k, v in with_skip.state_dict().items() if not k.startswith("mask_skip.")})
+    x = torch.randn(3, CH, 14, 14)
+    cls = torch.tensor([1, 2, 3])
+    a = with_skip.mask_logits(with_skip.features(x), cls)
+    assert torch.equal(a, without.mask_logits(without.features(x), cls))
+    torch.nn.functional.binary_cross_entropy_with_logits(a, (torch.rand_like(a) > 0.5).float()).backward()
+    assert with_skip.mask_skip.weight.grad.abs().sum() > 0
 
 
 def test_gn_groups_divide():

@@ -3,7 +3,8 @@
 14x14 RoI features -> 3x3 conv stride 2 (14 -> 7) -> `num_convs` x (3x3 conv, GN, ReLU) = X;
 X -> 3x3 conv -> 4 channels -> exp: dense (l, t, r, b) offsets at 7x7 (METHOD.md says ReLU; see below);
 X -> 2 x (deconv 2x2 stride 2, GN, ReLU) -> 3x3 conv -> C+1 coarse mask logits at 28x28; with `mask_skip` (not
-in METHOD.md; on in the CPU configs) a 1x1 conv of the 14x14 input is added to the first deconv's output.
+in METHOD.md; on in the CPU configs) a zero-initialised 1x1 conv of the 14x14 input is added to the first
+deconv's output.
 
 The stride-2 conv also has GN + ReLU, as in the D2Det head the authors built on. Only one class's
 mask is ever used per RoI (the ground-truth class in training, the predicted class at test), so the
@@ -80,8 +81,8 @@ class CollaborativeHead(nn.Module):
         )
         self.mask_pred = nn.Conv2d(conv_dim, num_classes + 1, 3, padding=1)
         # A 1x1 projection of the 14x14 RoI features, added to the first deconv's 14x14 output (a U-Net style
-        # skip). Without it the mask only sees the 7x7 tower. docs/BENCHMARKS.md, "Mask branch": it lifts the overfit
-        # test's mask AP (0.76-0.78 -> 0.84-0.89) and shapes-bench's APl, not yet shapes-bench's overall AP.
+        # skip). Without it the mask only sees the 7x7 tower. docs/BENCHMARKS.md, "Mask branch" and "The 14x14 skip,
+        # zero-initialised": shapes-bench mask AP 26.1 -> 27.5, APl 27.0 -> 34.9 (2 seeds).
         self.mask_skip = nn.Conv2d(in_channels, conv_dim, 1, bias=False) if mask_skip else None
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -94,6 +95,11 @@ class CollaborativeHead(nn.Module):
         # cell), so the first decoded boxes are sensible.
         nn.init.constant_(self.offset_pred.bias, math.log(0.5))
         # mask_pred keeps the Kaiming init of the loop above (see the module docstring)
+        if self.mask_skip is not None:
+            # Zero: the head starts as METHOD.md's (mask from the 7x7 tower alone) and the skip grows in as the
+            # mask loss asks for it. Kaiming-initialised, it dominated the first deconv's output from step 0:
+            # shapes-bench mask APl rose but APs and AP fell (docs/BENCHMARKS.md, "The 14x14 skip, zero-initialised").
+            nn.init.zeros_(self.mask_skip.weight)
 
     def features(self, x: Tensor) -> HeadFeatures:
         """(N, in, 14, 14) -> X (N, conv_dim, 7, 7) and the optional 14x14 skip."""
