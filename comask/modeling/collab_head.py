@@ -97,8 +97,8 @@ class CollaborativeHead(nn.Module):
         # mask_pred keeps the Kaiming init of the loop above (see the module docstring)
         if self.mask_skip is not None:
             # Zero: the head starts as METHOD.md's (mask from the 7x7 tower alone) and the skip grows in as the
-            # mask loss asks for it. Kaiming-initialised, it dominated the first deconv's output from step 0:
-            # shapes-bench mask APl rose but APs and AP fell (docs/BENCHMARKS.md, "The 14x14 skip, zero-initialised").
+            # mask loss asks for it. Kaiming-initialised (so, we read it, leaning on the raw 14x14 features from step
+            # 0), shapes-bench mask APl rose but APs and AP fell (docs/BENCHMARKS.md, "The 14x14 skip, zero-initialised").
             nn.init.zeros_(self.mask_skip.weight)
 
     def features(self, x: Tensor) -> HeadFeatures:
