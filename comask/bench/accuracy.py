@@ -37,8 +37,10 @@ ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
     ("comask_B4_woCL", "comask_r18_mfpn_shapes", ["model.collab_head.collaborative=false"]),
     # not in the paper: the CPU configs' 14x14 skip into the mask branch switched off (METHOD.md's head)
     ("comask_B4_noskip", "comask_r18_mfpn_shapes", ["model.collab_head.mask_skip=false"]),
-    # not in the paper's tables: MSFEM as the paper's eq. 7 writes it, F_o = conv3x3(F_f * V2), no residual/GN/ReLU
+    # not in the paper's tables: MSFEM's output as the paper's eq. 7 writes it, F_o = conv3x3(F_f * V2), and as
+    # the authors' code has it, ReLU(y + GN(conv3x3(y))); on a config that already has that form the row is B4
     ("comask_B4_eq7", "comask_r18_mfpn_shapes", ["model.msfem.residual=false"]),
+    ("comask_B4_residual", "comask_r18_mfpn_shapes", ["model.msfem.residual=true"]),
 ]
 
 
