@@ -112,7 +112,23 @@ def test_backbone_name_errors():
     with pytest.raises(ConfigError, match="model.backbone.name"):
         build_backbone_fpn("vgg16", 18)
     with pytest.raises(ConfigError, match="ResNets only"):
-        build_backbone_fpn("mobilenet_v3_small", 18, frozen_stages=1)
+        build_backbone_fpn("mobilenet_v3_small", 18, frozen_stages=0, weights="resnet18.pth")
+    with pytest.raises(ValueError, match="frozen_stages"):
+        build_backbone_fpn("mobilenet_v3_large", 18, frozen_stages=5)
+
+
+def test_mobilenet_frozen_stages():
+    """frozen_stages=1 stops the stem through C2 (features 0..3) and fixes their BN statistics; C3 on trains."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    body = build_backbone_fpn("mobilenet_v3_large", 18, out_channels=16, norm="bn", frozen_stages=1).body
+    frozen = [m for i, m in enumerate(body.children()) if i <= 3]
+    trained = [m for i, m in enumerate(body.children()) if i > 3]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in trained for p in m.parameters())
+    assert not any(isinstance(b, torch.nn.BatchNorm2d) for m in frozen for b in m.modules())
+    assert any(isinstance(b, FrozenBatchNorm2d) for m in frozen for b in m.modules())
+    assert any(isinstance(b, torch.nn.BatchNorm2d) for m in trained for b in m.modules())
 
 
 def test_demo_model_fits_ten_megabytes():

@@ -86,6 +86,22 @@ def freeze_stages(net: resnet.ResNet, frozen_stages: int) -> None:
             _replace_bn(module)
 
 
+def freeze_mobilenet_stages(features: nn.Sequential, stage_ends: list[int], frozen_stages: int) -> None:
+    """Stop training a MobileNetV3's layers up to the end of stage `frozen_stages` (1 = stem through C2,
+    the stride-4 output), converting their BatchNorms to FrozenBatchNorm2d as freeze_stages does for a ResNet.
+
+    The early, high-resolution layers are the costliest part of the backward pass; a body that is already
+    trained on the data gains little from updating them (docs/BENCHMARKS.md, "Frozen early body")."""
+    if not 0 <= frozen_stages <= len(stage_ends):
+        raise ValueError(f"model.backbone.frozen_stages must be in 0..{len(stage_ends)}, got {frozen_stages!r}")
+    if frozen_stages == 0:
+        return
+    for i in range(stage_ends[frozen_stages - 1] + 1):
+        for p in features[i].parameters():
+            p.requires_grad_(False)
+        _replace_bn(features[i])
+
+
 def _to_frozen_bn(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
     fbn = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
     with torch.no_grad():
@@ -174,12 +190,11 @@ def build_backbone_fpn(
         return build_resnet_fpn(depth, out_channels, norm, frozen_stages, weights)
     if name not in _MOBILENETS:
         raise ConfigError(f"model.backbone.name must be one of {', '.join(BACKBONES)}, got {name!r}")
-    if frozen_stages or weights:
-        raise ConfigError(
-            f"model.backbone.frozen_stages / weights apply to ResNets only: set them to 0 / null for {name}"
-        )
+    if weights:
+        raise ConfigError(f"model.backbone.weights applies to ResNets only: set it to null for {name}")
     factory, return_layers, in_channels = _MOBILENETS[name]
     features = factory(weights=None, norm_layer=_norm_layer(norm)).features
+    freeze_mobilenet_stages(features, [int(k) for k in return_layers], frozen_stages)
     return BackboneWithFPN(
         features, return_layers=return_layers, in_channels_list=in_channels, out_channels=out_channels,
         extra_blocks=LastLevelMaxPool(),
