@@ -78,12 +78,10 @@ def freeze_stages(net: resnet.ResNet, frozen_stages: int) -> None:
     frozen = ["conv1", "bn1"] + [f"layer{i}" for i in range(1, frozen_stages + 1)]
     for name in frozen:
         module = getattr(net, name)
-        for p in module.parameters():
-            p.requires_grad_(False)
         if isinstance(module, nn.BatchNorm2d):
             setattr(net, name, _to_frozen_bn(module))
         else:
-            _replace_bn(module)
+            _freeze(module)
 
 
 def freeze_mobilenet_stages(features: nn.Sequential, stage_ends: list[int], frozen_stages: int) -> None:
@@ -97,9 +95,13 @@ def freeze_mobilenet_stages(features: nn.Sequential, stage_ends: list[int], froz
     if frozen_stages == 0:
         return
     for i in range(stage_ends[frozen_stages - 1] + 1):
-        for p in features[i].parameters():
-            p.requires_grad_(False)
-        _replace_bn(features[i])
+        _freeze(features[i])
+
+
+def _freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    _replace_bn(module)
 
 
 def _to_frozen_bn(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
