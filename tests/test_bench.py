@@ -238,3 +238,13 @@ def test_shapes_pair_starts_from_the_same_pretrained_tensors() -> None:
     assert a == b
     assert {k.split(".")[0] + "." + k.split(".")[1] for k in a} == {"backbone.body", "backbone.fpn", "rpn.head"}
     assert not any(k.startswith(("backbone.fpn.layer_blocks.", "roi_heads.")) for k in a)
+
+
+def test_ablation_latency_is_measured_at_the_configs_test_size() -> None:
+    from comask.bench import config_test_size
+    from comask.config import load_config
+
+    cfg = load_config("comask_mnv3_mfpn_shapes")
+    assert config_test_size("comask_mnv3_mfpn_shapes", []) == (cfg.input.min_size_test, cfg.input.max_size_test)
+    assert config_test_size("comask_mnv3_mfpn_shapes", ["input.min_size_test=96", "input.max_size_test=128"]) == (
+        96, 128)

@@ -20,11 +20,10 @@ from comask.bench.accuracy import (
     select_models,
 )
 from comask.bench.speed import format_report, parse_size, run_speed
-from comask.config import ConfigError
+from comask.config import ConfigError, load_config
 
 DEFAULT_SPEED_PAIR = ("comask_r50_mfpn_2x_coco", "maskrcnn_r50_fpn_2x_coco")
 DEFAULT_TRAIN_PAIR = ("comask_r18_mfpn_shapes", "maskrcnn_r18_fpn_shapes")
-ABLATION_SPEED_SIZE = "160x200"  # shapes-bench test size (min_size_test 160, max_size_test 200)
 
 
 def machine() -> dict[str, Any]:
@@ -84,6 +83,12 @@ def _speed(a: argparse.Namespace) -> int:
     return 0
 
 
+def config_test_size(config: str, opts: list[str]) -> tuple[int, int]:
+    """The size a config evaluates at (shorter side, longer-side cap): where an ablation's latency is measured."""
+    cfg = load_config(config, opts)
+    return int(cfg.input.min_size_test), int(cfg.input.max_size_test)
+
+
 def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
     out = Path(a.out)
     models = select_models(ABLATION_MODELS if ablation else ACCURACY_MODELS, list(a.variants or []))
@@ -97,10 +102,13 @@ def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
     extra: dict[str, dict[str, str]] = {}
     speed_rows = []
     if ablation:
-        # CPU latency of every variant at the shapes-bench test size (cheap; each in its own process)
+        # CPU latency of every variant at its config's test size unless --size says otherwise (cheap; each in
+        # its own process)
         for name, config, model_opts in models:
-            rep = run_speed([config], size=parse_size(a.size if a.size != "800x1216" else ABLATION_SPEED_SIZE),
-                            opts=model_opts + list(a.opts or []), threads=a.threads, repeats=int(a.repeats))
+            all_opts = model_opts + list(a.opts or [])
+            size = parse_size(a.size) if a.size != "800x1216" else config_test_size(config, all_opts)
+            rep = run_speed([config], size=size,
+                            opts=all_opts, threads=a.threads, repeats=int(a.repeats))
             m = rep["models"][0]
             speed_rows.append({"name": name, **m})
             extra[name] = {"CPU latency (s)": f"{m['latency_s']['median']:.3f}",
