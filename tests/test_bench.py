@@ -248,3 +248,39 @@ def test_ablation_latency_is_measured_at_the_configs_test_size() -> None:
     assert config_test_size("comask_mnv3_mfpn_shapes", []) == (cfg.input.min_size_test, cfg.input.max_size_test)
     assert config_test_size("comask_mnv3_mfpn_shapes", ["input.min_size_test=96", "input.max_size_test=128"]) == (
         96, 128)
+
+
+def test_finished_run_is_evaluated_again_when_only_the_test_settings_changed(tmp_path: Path, monkeypatch) -> None:
+    from comask.bench.accuracy import ACCURACY_MODELS, train_and_evaluate
+    from comask.config import load_config
+    from comask.engine import evaluate
+
+    name, config, opts = ACCURACY_MODELS[0]
+    run = tmp_path / f"{name}_seed0"
+    run.mkdir()
+    (run / "model_final.pth").write_bytes(b"")
+    (run / "metrics.json").write_text(json.dumps({t: {c: 0.25 for c in COLUMNS} for t in ("segm", "bbox")}))
+    (run / "config.yaml").write_text(load_config(config, ["input.min_size_test=96", "model.test.score_thresh=0.5"]).dump())
+    calls = []
+
+    def fake_eval(weights, config=None, opts=None, out_dir=None, device="auto"):
+        calls.append((Path(weights), list(opts)))
+        metrics = {t: {c: 0.5 for c in COLUMNS} for t in ("segm", "bbox")}
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_eval)
+    row = train_and_evaluate(name, config, opts, 0, tmp_path, [])
+    # the final model scored under the current test size and threshold, not the stale metrics.json
+    assert row["reused"] and row["segm"]["AP"] == 0.5 and calls[0][0] == run / "model_final.pth"
+    assert Path(row["eval_dir"]).parent == run
+    # a second call reads that evaluation back
+    assert train_and_evaluate(name, config, opts, 0, tmp_path, [])["segm"]["AP"] == 0.5 and len(calls) == 1
+    # the same settings as the run: its own metrics, nothing evaluated
+    (run / "config.yaml").write_text(load_config(config).dump())
+    assert train_and_evaluate(name, config, opts, 0, tmp_path, [])["segm"]["AP"] == 0.25 and len(calls) == 1
+    # a training-time input change is a different run, refused
+    (run / "config.yaml").write_text(load_config(config, ["input.max_size_train=999"]).dump())
+    with pytest.raises(UserError, match=r"'input' config differs"):
+        train_and_evaluate(name, config, opts, 0, tmp_path, [])

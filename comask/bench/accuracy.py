@@ -3,7 +3,8 @@ evaluate them, and tabulate COCO metrics in the paper's Table 1 columns.
 
 Every run trains into OUT/<name>_seed<k>/ with `comask.engine.train.train`; a run whose directory
 already holds `model_final.pth` and `metrics.json` is reused, so an interrupted comparison resumes
-where it stopped (delete the directory to retrain).
+where it stopped (delete the directory to retrain); if only the evaluation settings changed since (test size,
+`model.test`), its final model is evaluated again under them.
 """
 
 from __future__ import annotations
@@ -65,22 +66,67 @@ def select_models(models: list[tuple[str, str, list[str]]], names: list[str] | N
     return [m for m in models if m[0] in names]
 
 
-def _check_same_config(run_dir: Path, cfg: Any) -> None:
-    """A finished run is reused only if it trained what `cfg` now resolves to (model, data, schedule); a run
-    left by an older config under the same --out is an error, not a silent stale row."""
+# Settings that change what a trained model is scored on, not what it learned: a finished run whose config
+# differs only here is evaluated again (test resize, score threshold, detections per image, ...).
+EVAL_ONLY_KEYS = (("input", "min_size_test"), ("input", "max_size_test"), ("model", "test"))
+
+
+def _without_eval_keys(cfg: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    for section, key in EVAL_ONLY_KEYS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
+
+
+def _eval_settings(cfg: dict) -> dict:
+    return {f"{s}.{k}": (cfg.get(s) or {}).get(k) for s, k in EVAL_ONLY_KEYS}
+
+
+def _check_same_config(run_dir: Path, cfg: Any) -> bool:
+    """A finished run is reused only if it trained what `cfg` now resolves to (model, input, data, schedule); a
+    run left by an older config under the same --out is an error, not a silent stale row. True when only the
+    evaluation settings (EVAL_ONLY_KEYS) differ, i.e. the run's model must be evaluated again."""
     saved = run_dir / "config.yaml"
     try:
         old = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"{saved}: cannot read the finished run's config ({e}); delete {run_dir} to retrain") from None
-    from comask.config import changed_sections
-
-    changed = changed_sections(old, cfg, ("model", "data", "schedule"))
+    old = old if isinstance(old, dict) else {}
+    new = cfg.to_dict()
+    sections = ("model", "input", "data", "schedule")
+    old_t, new_t = _without_eval_keys(old), _without_eval_keys(new)
+    changed = [s for s in sections if old_t.get(s) != new_t.get(s)]
     if changed:
         raise UserError(
             f"{run_dir} holds a finished run whose '{', '.join(changed)}' config differs from what {cfg.get('name')} "
             f"resolves to now; delete that folder to retrain it, or use another --out"
         )
+    return _eval_settings(old) != _eval_settings(new)
+
+
+def _reevaluate(run_dir: Path, config: str, overrides: list[str], cfg: Any) -> tuple[dict[str, Any], Path]:
+    """Metrics of the run's final model under the current evaluation settings, in run_dir/eval_<digest>/ (kept,
+    so a second call reads them back instead of evaluating again)."""
+    import hashlib
+
+    from comask.engine.evaluate import evaluate_checkpoint
+
+    digest = hashlib.sha1(json.dumps(_eval_settings(cfg.to_dict()), sort_keys=True).encode()).hexdigest()[:8]
+    eval_dir = run_dir / f"eval_{digest}"
+    metrics_file = eval_dir / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            data = json.loads(metrics_file.read_text())
+            if isinstance(data, dict) and "bbox" in data:
+                return data, eval_dir
+        except (OSError, ValueError):
+            pass
+    if eval_dir.exists():  # an evaluation that did not finish: start it again
+        import shutil
+
+        shutil.rmtree(eval_dir)
+    return evaluate_checkpoint(run_dir / "model_final.pth", config=config, opts=overrides, out_dir=eval_dir), eval_dir
 
 
 def _finished_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -105,10 +151,11 @@ def train_and_evaluate(
     overrides = list(model_opts) + list(opts) + [f"runtime.seed={seed}", "runtime.final_eval=true"]
     cfg = load_config(config, overrides)
     metrics = _finished_metrics(run_dir)
-    if metrics is not None:
-        _check_same_config(run_dir, cfg)
     seconds = None
     reused = metrics is not None
+    eval_dir = None
+    if metrics is not None and _check_same_config(run_dir, cfg):
+        metrics, eval_dir = _reevaluate(run_dir, config, overrides, cfg)
     if metrics is None:
         t0 = time.monotonic()
         # resume=True continues an interrupted run from its last periodic checkpoint (or starts fresh)
@@ -128,6 +175,7 @@ def train_and_evaluate(
         "train_seconds": seconds,
         "reused": reused,
         "run_dir": str(run_dir),
+        "eval_dir": str(eval_dir) if eval_dir else None,
         "segm": {k: float(metrics.get("segm", {}).get(k, float("nan"))) for k in COLUMNS},
         "bbox": {k: float(metrics.get("bbox", {}).get(k, float("nan"))) for k in COLUMNS},
     }
