@@ -284,19 +284,3 @@ def test_finished_run_is_evaluated_again_when_only_the_test_settings_changed(tmp
     (run / "config.yaml").write_text(load_config(config, ["input.max_size_train=999"]).dump())
     with pytest.raises(UserError, match=r"'input' config differs"):
         train_and_evaluate(name, config, opts, 0, tmp_path, [])
-
-
-def test_parallel_runs_get_their_synthetic_set_generated_once_beforehand(monkeypatch: pytest.MonkeyPatch) -> None:
-    import comask.data.synth as synth
-    from comask.bench.accuracy import _generate_synth_once
-
-    calls = []
-    monkeypatch.setattr(synth, "ensure_synth", lambda preset, root: calls.append((preset, str(root))))
-    work = [
-        ("comask", "comask_mnv3_mfpn_shapes", [], 0),
-        ("maskrcnn", "maskrcnn_mnv3_fpn_shapes", [], 0),
-        ("comask", "comask_mnv3_mfpn_shapes", [], 1),
-        ("coco", "comask_mnv3_mfpn_shapes", ["data.synth=null"], 0),
-    ]
-    _generate_synth_once(work, [])
-    assert calls == [("shapes-bench", "data/shapes-bench")]
