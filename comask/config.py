@@ -167,6 +167,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise ConfigError(f"{source}: model.num_classes must be a positive integer, got {m.num_classes!r}")
     if m.msfem.branches not in (0, 1, 2, 3, 4, 5, 6):
         raise ConfigError(f"{source}: model.msfem.branches must be 0..6 (0 = plain FPN), got {m.msfem.branches!r}")
+    if m.msfem.branches and m.msfem.fusion_init not in ("kaiming", "identity"):
+        raise ConfigError(f"{source}: model.msfem.fusion_init must be kaiming or identity, got {m.msfem.fusion_init!r}")
     if m.backbone.depth not in (18, 34, 50, 101, 152):
         raise ConfigError(f"{source}: model.backbone.depth must be 18/34/50/101/152, got {m.backbone.depth!r}")
     if cfg.schedule.ims_per_batch < 1 or cfg.schedule.max_iter < 1:
@@ -189,6 +191,7 @@ _ADDED_KEYS: dict[str, Any] = {
     "model.msfem.placement": "after_fpn",  # 2026-11-23: the layout such checkpoints were trained with
     "model.collab_head.mask_skip": False,  # 2026-12-01: trained without the skip conv
     "model.test.nms_after_vote": True,  # 2026-12-01: NMS again on CoMask's voted boxes (test time only)
+    "model.msfem.fusion_init": "kaiming",  # 2026-12-03: initialisation only, the loaded weights replace it
 }
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from comask.config import ConfigError, config_from_dict, load_config
 from comask.modeling.backbone import build_resnet_fpn
 from comask.modeling.build import build_backbone, build_model
-from comask.modeling.msfem import MFPN, MSFEM, msfem_in_fpn, msfem_levels
+from comask.modeling.msfem import MFPN, MSFEM, PLACEMENTS, msfem_in_fpn, msfem_levels
 
 
 def _reference(m: MSFEM, x: torch.Tensor) -> torch.Tensor:
@@ -277,3 +277,35 @@ def test_in_fpn_init_from_torchvision_layout(tmp_path):
     )
     assert "backbone.fpn.layer_blocks.0.fuse.weight" in report.missing
     assert report.shape_mismatch == []
+
+
+def test_identity_fusion_starts_as_the_output_conv_on_the_attended_input():
+    """fusion_init=identity: F_f = F at step 0, so the module is conv3x3(F * V2) (eq. 7 form); the coarser
+    branches' fusion weights get a gradient on the first step and open from there."""
+    torch.manual_seed(0)
+    m = MSFEM(8, 4, residual=False, fusion_init="identity")
+    x = torch.randn(2, 8, 12, 10)
+    att = torch.sigmoid(m.fc2(F.relu(m.fc1(x.mean(dim=(2, 3))))))
+    expected = m.out_conv(x * att[:, :, None, None])
+    out = m(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.square().sum().backward()
+    w = m.fuse.weight.grad
+    assert w[:, 8:].abs().sum() > 0  # the coarse branches' slices move on the first step
+    assert m.down[0][0].weight.grad.abs().sum() == 0  # their convs wait until those slices are non-zero
+    # the default (Kaiming) fusion mixes the branches from the start
+    torch.manual_seed(0)
+    k = MSFEM(8, 4, residual=False)
+    k_att = torch.sigmoid(k.fc2(F.relu(k.fc1(x.mean(dim=(2, 3))))))
+    assert not torch.allclose(k(x), k.out_conv(x * k_att[:, :, None, None]), atol=1e-3)
+    with pytest.raises(ValueError, match="fusion_init"):
+        MSFEM(8, 2, fusion_init="zeros")
+
+
+def test_fusion_init_is_a_config_key_for_both_placements():
+    for placement in PLACEMENTS:
+        opts = [f"model.msfem.placement={placement}", "model.msfem.fusion_init=identity"]
+        levels = msfem_levels(build_backbone(load_config("comask_r18_mfpn_shapes", opts))).values()
+        assert levels and all(torch.equal(m.fuse.weight[:, : m.channels, 0, 0], torch.eye(m.channels)) for _, m in levels)
+    with pytest.raises(ConfigError, match="fusion_init"):
+        load_config("comask_r18_mfpn_shapes", ["model.msfem.fusion_init=zero"])

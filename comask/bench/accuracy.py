@@ -42,6 +42,9 @@ ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
     # the authors' code has it, ReLU(y + GN(conv3x3(y))); on a config that already has that form the row is B4
     ("comask_B4_eq7", "comask_r18_mfpn_shapes", ["model.msfem.residual=false"]),
     ("comask_B4_residual", "comask_r18_mfpn_shapes", ["model.msfem.residual=true"]),
+    # not in the paper: MSFEM's 1x1 fusion started as the identity on F_0 (coarser branches at zero), so the
+    # module starts as plain FPN's output conv on the attended input
+    ("comask_B4_idfuse", "comask_r18_mfpn_shapes", ["model.msfem.fusion_init=identity"]),
 ]
 
 

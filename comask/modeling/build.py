@@ -38,7 +38,7 @@ def build_backbone(cfg) -> nn.Module:
     if m.msfem.branches == 0:
         return fpn
     placement = m.msfem.placement
-    args = (m.msfem.branches, m.msfem.residual, m.msfem.attention_reduction)
+    args = (m.msfem.branches, m.msfem.residual, m.msfem.attention_reduction, m.msfem.fusion_init)
     if placement == "in_fpn":
         return msfem_in_fpn(fpn, *args)
     if placement == "after_fpn":

@@ -17,6 +17,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from comask.modeling.backbone import LEVEL_NAMES, gn_groups
 
 PLACEMENTS = ("in_fpn", "after_fpn")
+FUSION_INITS = ("kaiming", "identity")
 
 
 class MSFEM(nn.Module):
@@ -28,12 +29,20 @@ class MSFEM(nn.Module):
 
     On a map that reaches 1x1 before the chain ends, the chain stops: a 1x1 map has no coarser
     scale, so the remaining branches repeat it (the global summary) instead of running convs on it.
+
+    `fusion_init="identity"` starts the 1x1 fusion as F_f = F_0 (identity on the input's slice, zero on
+    the coarser branches'), so at step 0 the module is the output conv on the channel-attended input,
+    as plain FPN's output conv is on its input, and the coarser scales enter as training opens them.
     """
 
-    def __init__(self, channels: int, branches: int, residual: bool = True, reduction: int = 4):
+    def __init__(
+        self, channels: int, branches: int, residual: bool = True, reduction: int = 4, fusion_init: str = "kaiming"
+    ):
         super().__init__()
         if branches < 1:
             raise ValueError(f"MSFEM needs at least one branch, got {branches} (use no MSFEM for plain FPN)")
+        if fusion_init not in FUSION_INITS:
+            raise ValueError(f"MSFEM fusion_init must be one of {', '.join(FUSION_INITS)}, got {fusion_init!r}")
         self.channels = channels
         self.branches = branches
         self.residual = residual
@@ -57,6 +66,10 @@ class MSFEM(nn.Module):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if fusion_init == "identity":
+            with torch.no_grad():
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, :channels, 0, 0].copy_(torch.eye(channels))
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
@@ -90,13 +103,20 @@ class MFPN(nn.Module):
     `body.*` / `fpn.*` as in torchvision's detectors; the MSFEMs live under `msfem.p2` .. `msfem.p6`.
     """
 
-    def __init__(self, fpn_backbone: nn.Module, branches: int, residual: bool = True, reduction: int = 4):
+    def __init__(
+        self,
+        fpn_backbone: nn.Module,
+        branches: int,
+        residual: bool = True,
+        reduction: int = 4,
+        fusion_init: str = "kaiming",
+    ):
         super().__init__()
         self.body = fpn_backbone.body
         self.fpn = fpn_backbone.fpn
         self.out_channels: int = fpn_backbone.out_channels
         self.msfem = nn.ModuleDict(
-            {name: MSFEM(self.out_channels, branches, residual, reduction) for name in LEVEL_NAMES}
+            {name: MSFEM(self.out_channels, branches, residual, reduction, fusion_init) for name in LEVEL_NAMES}
         )
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
@@ -108,7 +128,13 @@ class MFPN(nn.Module):
         )
 
 
-def msfem_in_fpn(fpn_backbone: nn.Module, branches: int, residual: bool = True, reduction: int = 4) -> nn.Module:
+def msfem_in_fpn(
+    fpn_backbone: nn.Module,
+    branches: int,
+    residual: bool = True,
+    reduction: int = 4,
+    fusion_init: str = "kaiming",
+) -> nn.Module:
     """Put one MSFEM in place of each 3x3 output conv of a torchvision BackboneWithFPN (P2..P5).
 
     torchvision's FPN applies `fpn.layer_blocks[i]` to the top-down sum of level i, and
@@ -120,7 +146,7 @@ def msfem_in_fpn(fpn_backbone: nn.Module, branches: int, residual: bool = True, 
     if not isinstance(fpn.extra_blocks, LastLevelMaxPool):
         raise ValueError("msfem_in_fpn needs an FPN whose extra level is LastLevelMaxPool (P6 = pooled P5)")
     for i in range(len(fpn.layer_blocks)):
-        fpn.layer_blocks[i] = MSFEM(fpn_backbone.out_channels, branches, residual, reduction)
+        fpn.layer_blocks[i] = MSFEM(fpn_backbone.out_channels, branches, residual, reduction, fusion_init)
     return fpn_backbone
 
 
