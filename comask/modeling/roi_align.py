@@ -99,13 +99,20 @@ def roi_align(
 ) -> Tensor:
     """torchvision.ops.roi_align (rois as (K, 5) [batch index, x1, y1, x2, y2]), with the separable CPU backward
     when a gradient will be needed."""
+    tracing = torch.jit.is_scripting() or torch.jit.is_tracing()
+    if input.device.type == "cpu" and rois.numel() and not tracing:
+        # torchvision's CPU kernels do not check the batch index: its backward writes a RoI's gradient past the
+        # end of the input's buffer when the index is >= N (a heap corruption valgrind shows; the crash comes
+        # later and elsewhere). One max over K numbers on the CPU; a CUDA check would cost a sync.
+        top, low = int(rois[:, 0].max()), int(rois[:, 0].min())
+        if low < 0 or top >= input.shape[0]:
+            raise ValueError(f"roi_align: RoI batch indices must lie in [0, {input.shape[0]}), got {low}..{top}")
     fast = (
         input.device.type == "cpu"
         and sampling_ratio > 0
         and input.requires_grad
         and torch.is_grad_enabled()
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
+        and not tracing
     )
     if not fast:
         return tv_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
