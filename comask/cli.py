@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--train", action="store_true", help="speed: time a training step instead of inference")
     b.add_argument("--warmup", type=int, default=1, help="speed: untimed runs before the repeats")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="speed: alternate A and B this many times, a fresh process each, and pool the timings")
     b.add_argument("--profile", type=int, default=0, help="speed: also list the N slowest operators")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="speed: run the model on this device (cuda: synchronised timing, peak GPU memory)")

@@ -284,3 +284,30 @@ def test_finished_run_is_evaluated_again_when_only_the_test_settings_changed(tmp
     (run / "config.yaml").write_text(load_config(config, ["input.max_size_train=999"]).dump())
     with pytest.raises(UserError, match=r"'input' config differs"):
         train_and_evaluate(name, config, opts, 0, tmp_path, [])
+
+
+def test_speed_rounds_alternate_the_models_and_pool_their_timings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import comask.bench.speed as speed
+
+    calls = []
+
+    def fake(spec: dict) -> dict:
+        calls.append((spec["config"], spec["profile"]))
+        k = len(calls)  # A runs get 1, 3, 5; B runs 2, 4, 6
+        times = [float(k), float(k) + 0.5]
+        return {"config": spec["config"], "mode": "inference", "times_s": times, "cpu_times_s": times,
+                "latency_s": {"median": k + 0.25, "min": k, "max": k + 0.5}, "peak_rss_mb": 100.0 * k,
+                "peak_gpu_mb": None, "gflops": 2.0, "params": 10, "size": [8, 8], "threads": 1,
+                "cpu_s": {"median": k + 0.25}}
+
+    monkeypatch.setattr(speed, "run_in_subprocess", fake)
+    rep = speed.run_speed(["A", "B"], size=(8, 8), rounds=3, profile=5)
+    assert calls == [("A", 5), ("B", 5), ("A", 0), ("B", 0), ("A", 0), ("B", 0)]
+    a, b = rep["models"]
+    assert a["times_s"] == [1.0, 1.5, 3.0, 3.5, 5.0, 5.5] and a["rounds"] == 3
+    assert a["latency_s"] == {"median": 3.25, "min": 1.0, "max": 5.5} and a["round_medians_s"] == [1.25, 3.25, 5.25]
+    assert a["peak_rss_mb"] == 500.0 and b["peak_rss_mb"] == 600.0
+    assert math.isclose(rep["ratio"]["latency"], 3.25 / 4.25)
+    assert "3 alternating rounds" in format_report(rep)
+    with pytest.raises(UserError, match="--rounds"):
+        speed.run_speed(["A"], size=(8, 8), rounds=0)

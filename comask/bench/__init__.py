@@ -72,6 +72,7 @@ def _speed(a: argparse.Namespace) -> int:
         profile=int(getattr(a, "profile", 0) or 0),
         device=getattr(a, "device", "cpu"),
         amp=getattr(a, "amp", None),
+        rounds=int(getattr(a, "rounds", 1) or 1),
     )
     report["machine"] = machine()
     if a.json:

@@ -399,6 +399,25 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def pool_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's result over several rounds: timings pooled, peak memory the largest of any round."""
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    times = [t for r in results for t in r["times_s"]]
+    cpus = [t for r in results for t in r["cpu_times_s"]]
+    out["times_s"], out["cpu_times_s"] = times, cpus
+    out["latency_s"] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    out["cpu_s"] = {"median": statistics.median(cpus), "min": min(cpus), "max": max(cpus)}
+    out["fps"] = 1.0 / out["latency_s"]["median"]
+    out["rounds"] = len(results)
+    out["round_medians_s"] = [r["latency_s"]["median"] for r in results]
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    if out.get("peak_gpu_mb") is not None:
+        out["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in results)
+    return out
+
+
 def run_speed(
     configs: list[str],
     *,
@@ -412,15 +431,24 @@ def run_speed(
     profile: int = 0,
     device: str = "cpu",
     amp: str | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Measure each config in its own subprocess (A, then B) and compute the A/B ratios."""
+    """Measure each config in its own subprocess (A, then B) and compute the A/B ratios.
+
+    With `rounds` > 1 the models alternate (A, B, A, B, ...), a fresh process each time, and each model's
+    statistics pool all its rounds: on a shared machine the load drifts within minutes, and a single A-then-B
+    pair would charge that drift to whichever model ran in the worse stretch."""
     check_device(device, amp)  # here too, so a missing GPU is one line and not a subprocess traceback
-    models = []
-    for config in configs:
-        spec = {"config": config, "opts": list(opts or []), "weights": weights, "size": list(size),
-                "threads": threads, "repeats": repeats, "warmup": warmup, "mode": mode, "profile": profile,
-                "device": device, "amp": amp}
-        models.append(run_in_subprocess(spec))
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
+    runs: list[list[dict[str, Any]]] = [[] for _ in configs]
+    for r in range(rounds):
+        for i, config in enumerate(configs):
+            spec = {"config": config, "opts": list(opts or []), "weights": weights, "size": list(size),
+                    "threads": threads, "repeats": repeats, "warmup": warmup, "mode": mode,
+                    "profile": profile if r == 0 else 0, "device": device, "amp": amp}
+            runs[i].append(run_in_subprocess(spec))
+    models = [pool_rounds(rs) for rs in runs]
     report: dict[str, Any] = {"models": models}
     if len(models) == 2:
         a, b = models
@@ -462,6 +490,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"{m['peak_rss_mb']:.0f} |"
             + (f" {m['fps']:.2f} | {m['peak_gpu_mb']:.0f} |" if gpu else "")
         )
+    for m in models:
+        if m.get("rounds"):
+            per_round = ", ".join(f"{t:.3f}" for t in m["round_medians_s"])
+            lines.append(f"{m['config']}: {m['rounds']} alternating rounds, medians {per_round}")
     r = report.get("ratio")
     if r:
         lines.append("")
