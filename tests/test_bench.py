@@ -311,3 +311,17 @@ def test_speed_rounds_alternate_the_models_and_pool_their_timings(monkeypatch: p
     assert "3 alternating rounds" in format_report(rep)
     with pytest.raises(UserError, match="--rounds"):
         speed.run_speed(["A"], size=(8, 8), rounds=0)
+def test_parallel_runs_get_their_synthetic_set_generated_once_beforehand(monkeypatch: pytest.MonkeyPatch) -> None:
+    import comask.data.synth as synth
+    from comask.bench.accuracy import _generate_synth_once
+
+    calls = []
+    monkeypatch.setattr(synth, "ensure_synth", lambda preset, root: calls.append((preset, str(root))))
+    work = [
+        ("comask", "comask_mnv3_mfpn_shapes", [], 0),
+        ("maskrcnn", "maskrcnn_mnv3_fpn_shapes", [], 0),
+        ("comask", "comask_mnv3_mfpn_shapes", [], 1),
+        ("coco", "comask_mnv3_mfpn_shapes", ["data.synth=null"], 0),
+    ]
+    _generate_synth_once(work, [])
+    assert calls == [("shapes-bench", "data/shapes-bench")]

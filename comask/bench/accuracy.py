@@ -218,6 +218,20 @@ def format_table(rows: list[dict[str, Any]], extra: dict[str, str] | None = None
     return "\n".join(lines)
 
 
+def _generate_synth_once(work: list[tuple[str, str, list[str], int]], opts: list[str]) -> None:
+    """Write each synthetic set the runs train on before they start, so that parallel workers do not each
+    generate the same set (36 s of a core each for shapes-bench) only to keep one copy."""
+    from comask.config import load_config
+    from comask.data.synth import ensure_synth
+
+    done = set()
+    for _, config, model_opts, _ in work:
+        synth = load_config(config, list(model_opts) + list(opts)).data.get("synth")
+        if synth and (synth.preset, str(synth.root)) not in done:
+            ensure_synth(synth.preset, synth.root)
+            done.add((synth.preset, str(synth.root)))
+
+
 def run_training_table(
     models: list[tuple[str, str, list[str]]], seeds: list[int], out: Path, opts: list[str], jobs: int = 1
 ) -> list[dict[str, Any]]:
@@ -230,6 +244,7 @@ def run_training_table(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    _generate_synth_once(work, opts)
     # spawn: a fresh interpreter per worker, no forked torch thread pools or loggers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = [
