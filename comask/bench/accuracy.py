@@ -43,8 +43,10 @@ ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
     ("comask_B4_eq7", "comask_r18_mfpn_shapes", ["model.msfem.residual=false"]),
     ("comask_B4_residual", "comask_r18_mfpn_shapes", ["model.msfem.residual=true"]),
     # not in the paper: MSFEM's 1x1 fusion started as the identity on F_0 (coarser branches at zero), so the
-    # module starts as plain FPN's output conv on the attended input
+    # module starts as plain FPN's output conv on the attended input; and the Kaiming fusion, for configs that
+    # start from the identity (on such a config the idfuse row is B4)
     ("comask_B4_idfuse", "comask_r18_mfpn_shapes", ["model.msfem.fusion_init=identity"]),
+    ("comask_B4_kaimingfuse", "comask_r18_mfpn_shapes", ["model.msfem.fusion_init=kaiming"]),
 ]
 
 
