@@ -153,6 +153,9 @@ _REQUIRED = {
 }
 
 
+# how MSFEM's 1x1 fusion starts (comask.modeling.msfem): here so that a config is checked when it is loaded
+MSFEM_FUSION_INITS = ("kaiming", "identity")
+
 def validate(cfg: Config, source: str = "config") -> Config:
     for section, keys in _REQUIRED.items():
         if section not in cfg:
@@ -167,8 +170,10 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise ConfigError(f"{source}: model.num_classes must be a positive integer, got {m.num_classes!r}")
     if m.msfem.branches not in (0, 1, 2, 3, 4, 5, 6):
         raise ConfigError(f"{source}: model.msfem.branches must be 0..6 (0 = plain FPN), got {m.msfem.branches!r}")
-    if m.msfem.branches and m.msfem.fusion_init not in ("kaiming", "identity"):
-        raise ConfigError(f"{source}: model.msfem.fusion_init must be kaiming or identity, got {m.msfem.fusion_init!r}")
+    if m.msfem.branches and m.msfem.fusion_init not in MSFEM_FUSION_INITS:
+        raise ConfigError(
+            f"{source}: model.msfem.fusion_init must be one of {', '.join(MSFEM_FUSION_INITS)}, got {m.msfem.fusion_init!r}"
+        )
     if m.backbone.depth not in (18, 34, 50, 101, 152):
         raise ConfigError(f"{source}: model.backbone.depth must be 18/34/50/101/152, got {m.backbone.depth!r}")
     if cfg.schedule.ims_per_batch < 1 or cfg.schedule.max_iter < 1:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from comask.config import MSFEM_FUSION_INITS as FUSION_INITS
 from comask.modeling.backbone import LEVEL_NAMES, gn_groups
 
 PLACEMENTS = ("in_fpn", "after_fpn")
-FUSION_INITS = ("kaiming", "identity")
 
 
 class MSFEM(nn.Module):
