@@ -156,6 +156,7 @@ _REQUIRED = {
 # how MSFEM's 1x1 fusion starts (comask.modeling.msfem): here so that a config is checked when it is loaded
 MSFEM_FUSION_INITS = ("kaiming", "identity")
 
+
 def validate(cfg: Config, source: str = "config") -> Config:
     for section, keys in _REQUIRED.items():
         if section not in cfg:
