@@ -103,8 +103,8 @@ def roi_align(
     if input.device.type == "cpu" and rois.numel() and not tracing:
         # torchvision's CPU kernels do not check the batch index: its backward writes a RoI's gradient past the
         # end of the input's buffer when the index is >= N (a heap corruption valgrind shows; the crash comes
-        # later and elsewhere). One max over K numbers on the CPU; a CUDA check would cost a sync.
-        top, low = int(rois[:, 0].max()), int(rois[:, 0].min())
+        # later and elsewhere). One min/max pass over K numbers on the CPU; a CUDA check would cost a sync.
+        low, top = (int(v) for v in torch.aminmax(rois[:, 0]))
         if low < 0 or top >= input.shape[0]:
             raise ValueError(f"roi_align: RoI batch indices must lie in [0, {input.shape[0]}), got {low}..{top}")
     fast = (
