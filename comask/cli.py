@@ -16,13 +16,14 @@ from comask.errors import UserError
 def _cmd_data_check(a: argparse.Namespace) -> int:
     from comask.data.check import run_check
 
-    return run_check(a.ann, a.images, as_json=a.json, deep=a.deep)
+    return run_check(a.ann, a.images, as_json=a.json, deep=a.deep, allow_outside_paths=a.allow_outside_paths)
 
 
 def _cmd_data_synth(a: argparse.Namespace) -> int:
     from comask.data.synth import write_dataset
 
-    write_dataset(a.out, num_train=a.num_train, num_val=a.num_val, size=a.size, seed=a.seed, preset=a.preset)
+    write_dataset(a.out, num_train=a.num_train, num_val=a.num_val, size=a.size, seed=a.seed, preset=a.preset,
+                  num_test=a.num_test, test_seed=a.test_seed)
     return 0
 
 
@@ -37,7 +38,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_eval(a: argparse.Namespace) -> int:
     from comask.engine.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(a.weights, config=a.config, opts=a.opts, out_dir=a.out, device=a.device)
+    evaluate_checkpoint(a.weights, config=a.config, opts=a.opts, out_dir=a.out, device=a.device,
+                        batch_size=a.batch_size)
     return 0
 
 
@@ -49,10 +51,11 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from comask.engine.predict import predict_paths
+    from comask.export.ort import onnx_predictor
 
     return predict_paths(
         a.inputs, a.out, weights=a.weights, config=a.config, onnx=a.onnx, score_thr=a.score_thr,
-        device=a.device, batch_size=a.batch_size,
+        device=a.device, batch_size=a.batch_size, load_onnx=onnx_predictor,
     )
 
 
@@ -108,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", required=True, help="image folder")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--deep", action="store_true", help="decode every image (slower; finds corruption mid-file)")
+    c.add_argument("--allow-outside-paths", action="store_true",
+                   help="file_names leaving the image folder are warnings, not errors (data.allow_outside_paths)")
     c.set_defaults(func=_cmd_data_check)
     s = data.add_parser("synth", help="write the synthetic shapes data set in COCO format")
     s.add_argument("--out", required=True)
@@ -116,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-val", type=int, default=None)
     s.add_argument("--size", type=int, default=None)
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--num-test", type=int, default=None, help="held-out test images (shapes-bench: 500)")
+    s.add_argument("--test-seed", type=int, default=None, help="the test split's own seed (must differ from --seed)")
     s.set_defaults(func=_cmd_data_synth)
 
     t = sub.add_parser("train", help="train a model")
@@ -131,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opts", nargs="*", default=[])
     e.add_argument("--out", default=None)
     e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=2, help="images per model call")
     e.set_defaults(func=_cmd_eval)
 
     v = sub.add_parser("evaluate", help="score a COCO results file against ground truth")
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True)
     pr.add_argument("--score-thr", type=float, default=0.5)
     pr.add_argument("--device", default="auto")
-    pr.add_argument("--batch-size", type=int, default=2)
+    pr.add_argument("--batch-size", type=int, default=2, help="images per model call")
     pr.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("demo", help="synthetic data -> train -> eval -> predict, on the CPU")
@@ -209,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=1,
                    help="speed: alternate A and B this many times, a fresh process each, and pool the timings")
     b.add_argument("--profile", type=int, default=0, help="speed: also list the N slowest operators")
+    b.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="speed: also report images/s at these batch sizes (default: 1 8 on cuda, 1 on cpu)")
+    b.add_argument("--compile", action="store_true",
+                   help="speed: torch.compile the static part (backbone, FPN, MSFEM, RPN head); warm-up includes it")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="speed: run the model on this device (cuda: synchronised timing, peak GPU memory)")
     b.add_argument("--amp", choices=["bf16", "fp16"], default=None,

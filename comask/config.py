@@ -198,6 +198,8 @@ _ADDED_KEYS: dict[str, Any] = {
     "model.collab_head.mask_skip": False,  # 2026-12-01: trained without the skip conv
     "model.test.nms_after_vote": True,  # 2026-12-01: NMS again on CoMask's voted boxes (test time only)
     "model.msfem.fusion_init": "kaiming",  # 2026-12-03: initialisation only, the loaded weights replace it
+    "data.allow_outside_paths": False,  # 2026-12-04: file_names leaving the image folder are refused
+    "data.test": None,  # 2026-12-04: the held-out test split (issue 23); older checkpoints name none
 }
 
 

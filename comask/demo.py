@@ -19,8 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+from comask.checkpoint_io import ASSET_PREFIX, resolve_asset
 from comask.config import load_config
-from comask.engine.checkpoint import ASSET_PREFIX, resolve_asset
 from comask.errors import CheckpointError
 
 DEMO_CONFIG = "comask_mnv3_mfpn_demo"  # fine-tunes PRETRAINED_FILE

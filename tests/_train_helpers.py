@@ -35,6 +35,7 @@ def write_tiny_coco(root: Path, num_train: int = 8, num_val: int = 4, size: int 
 
 def tiny_cfg(data_root: Path, *overrides: str) -> Config:
     base = [
+        "model.backbone.weights=null",
         f"data.train={{ann: {data_root}/annotations/train.json, images: {data_root}/train}}",
         f"data.val={{ann: {data_root}/annotations/val.json, images: {data_root}/val}}",
         "data.num_workers=0",

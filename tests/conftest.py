@@ -23,6 +23,16 @@ from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# No test may reach the network: `torchvision:` weight names resolve only from torch.hub's cache, here an empty
+# private folder (tests that need a file put a generated one there). Set before any test runs, so subprocesses
+# (the CLI tests) inherit it.
+os.environ["COMASK_OFFLINE"] = "1"
+if "COMASK_TEST_TORCH_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["COMASK_TEST_TORCH_HOME"] = tempfile.mkdtemp(prefix="comask-torch-home-")
+os.environ["TORCH_HOME"] = os.environ["COMASK_TEST_TORCH_HOME"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # On a crash, print only the crashing thread's stack (pytest's own handler, switched off in pyproject,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from comask import cli
-from comask.bench.accuracy import COLUMNS, format_table
+from comask.bench.accuracy import COLUMNS, format_table, format_tables
 from comask.bench.speed import _timed, check_device, format_report, parse_size
 from comask.config import ConfigError
 from comask.errors import UserError
@@ -167,13 +167,51 @@ def test_accuracy_table_columns_and_means() -> None:
     text = format_table([row("comask", 0, 0.40), row("comask", 1, 0.50), row("maskrcnn", 0, 0.30)])
     lines = text.splitlines()
     assert lines[0].startswith("| model | seeds | mask AP | mask AP50 | mask AP75 | mask APs | mask APm | mask APl | box AP")
-    assert lines[2].split(" | ")[:4] == ["| comask", "0,1", "45.0", "45.0"]
+    # 2+ seeds: mean +- sample standard deviation
+    assert lines[2].split(" | ")[:4] == ["| comask", "0,1", "45.0 +- 7.1", "45.0 +- 7.1"]
     assert "| maskrcnn | 0 | 30.0 |" in lines[3]
     # COCO's -1 (no objects of that size) shows as '-', not as a negative AP
     assert lines[3].split(" | ")[11] == "-"
 
 
-def test_ablation_variants_select_rows_and_b4_reuses_the_accuracy_run(tmp_path: Path) -> None:
+def test_accuracy_tables_report_val_and_the_held_out_test_split() -> None:
+    def row(name: str, seed: int, val: float, test: float | None) -> dict:
+        return {"name": name, "seed": seed, "segm": {c: val for c in COLUMNS}, "bbox": {c: val for c in COLUMNS},
+                "test": None if test is None else {"segm": {c: test for c in COLUMNS}, "bbox": {c: test for c in COLUMNS}}}
+
+    rows = [row("comask", 0, 0.40, 0.30), row("comask", 1, 0.40, 0.32), row("maskrcnn", 0, 0.35, 0.31)]
+    text = format_tables(rows)
+    val_head, test_head = text.index("val"), text.index("test")
+    assert val_head < test_head and "choices are made on this split" in text and "held out" in text
+    val_part, test_part = text[:test_head], text[test_head:]
+    assert "| comask | 0,1 | 40.0 +- 0.0 |" in val_part and "| maskrcnn | 0 | 35.0 |" in val_part
+    assert "| comask | 0,1 | 31.0 +- 1.4 |" in test_part and "| maskrcnn | 0 | 31.0 |" in test_part
+    assert format_table(rows, split="test") in test_part
+    # runs on a config without data.test: the val table, and a line saying there is no test split
+    text = format_tables([row("comask", 0, 0.40, None)])
+    assert "| comask | 0 | 40.0 |" in text and "test: none" in text and "held out" not in text
+
+
+def _fake_evaluations(monkeypatch: pytest.MonkeyPatch, val: float = 0.5, test: float = 0.125) -> list:
+    """evaluate_checkpoint replaced: AP `test` when pointed at the held-out split (a data.val= override), else `val`;
+    the calls (weights, opts) are returned."""
+    from comask.engine import evaluate
+
+    calls = []
+
+    def fake_eval(weights, config=None, opts=None, out_dir=None, device="auto"):
+        calls.append((Path(weights), list(opts)))
+        on_test = any(o.startswith("data.val=") and "test" in o for o in opts)
+        metrics = {t: {c: test if on_test else val for c in COLUMNS} for t in ("segm", "bbox")}
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_eval)
+    return calls
+
+
+def test_ablation_variants_select_rows_and_b4_reuses_the_accuracy_run(tmp_path: Path, monkeypatch) -> None:
     from comask.bench.accuracy import (
         ABLATION_MODELS,
         ACCURACY_MODELS,
@@ -199,8 +237,11 @@ def test_ablation_variants_select_rows_and_b4_reuses_the_accuracy_run(tmp_path: 
     from comask.config import load_config
 
     (run / "config.yaml").write_text(load_config(b4[1], ["runtime.seed=0", "runtime.threads=1"]).dump())
+    calls = _fake_evaluations(monkeypatch)
     row = train_and_evaluate("comask_B4", b4[1], b4[2], 0, tmp_path, [])
     assert row["reused"] and row["run_dir"] == str(run) and row["segm"]["AP75"] == 0.25
+    # ... and its final model is scored on the held-out test split as well (only that is evaluated)
+    assert row["test"]["segm"]["AP75"] == 0.125 and len(calls) == 1 and calls[0][0] == run / "model_final.pth"
     # a finished run of an older model config in the same folder is refused, naming the folder and section
     (run / "config.yaml").write_text(load_config(b4[1], ["model.collab_head.mask_skip=false"]).dump())
     with pytest.raises(UserError, match=r"comask_seed0 holds a finished run whose 'model' config differs"):
@@ -256,6 +297,7 @@ def test_finished_run_is_evaluated_again_when_only_the_test_settings_changed(tmp
     from comask.engine import evaluate
 
     name, config, opts = ACCURACY_MODELS[0]
+    opts = opts + ["data.test=null"]  # this test is about val; the held-out split has its own below
     run = tmp_path / f"{name}_seed0"
     run.mkdir()
     (run / "model_final.pth").write_bytes(b"")
@@ -274,6 +316,7 @@ def test_finished_run_is_evaluated_again_when_only_the_test_settings_changed(tmp
     row = train_and_evaluate(name, config, opts, 0, tmp_path, [])
     # the final model scored under the current test size and threshold, not the stale metrics.json
     assert row["reused"] and row["segm"]["AP"] == 0.5 and calls[0][0] == run / "model_final.pth"
+    assert row["test"] is None  # data.test=null: no held-out split to score
     assert Path(row["eval_dir"]).parent == run
     # a second call reads that evaluation back
     assert train_and_evaluate(name, config, opts, 0, tmp_path, [])["segm"]["AP"] == 0.5 and len(calls) == 1
@@ -325,3 +368,77 @@ def test_parallel_runs_get_their_synthetic_set_generated_once_beforehand(monkeyp
     ]
     _generate_synth_once(work, [])
     assert calls == [("shapes-bench", "data/shapes-bench")]
+
+
+def test_runs_are_scored_on_test_and_reused_only_from_the_same_starting_weights(tmp_path: Path, monkeypatch) -> None:
+    """Issue 23: every final model is scored on val and on the held-out test split; a finished run is reused only
+    if runtime.load_from / load_only / load_strict and the content (sha256) of the asset: file they name match."""
+    import hashlib
+
+    from comask.bench import accuracy
+    from comask.config import load_config
+    from comask.engine import train as train_mod
+
+    config = "comask_mnv3_mfpn_shapes"  # `bench accuracy --config`: starts from asset:comask_mnv3_shapes_demo.pth
+    assert load_config(config).runtime.load_from == "asset:comask_mnv3_shapes_demo.pth"
+    asset = tmp_path / "asset.pth"
+    asset.write_bytes(b"weights v1")
+    # the shipped file itself resolves (the name the configs use); this test hashes a stand-in it can change
+    assert accuracy._asset_path("asset:comask_mnv3_shapes_demo.pth").is_file()
+    monkeypatch.setattr(accuracy, "_asset_path", lambda name: asset)
+    calls = _fake_evaluations(monkeypatch, val=0.5, test=0.125)
+    out = tmp_path / "out"
+    trained = []
+
+    def fake_train(cfg, run_dir, resume=False):  # what engine.train leaves behind, without the training
+        trained.append(Path(run_dir))
+        metrics = {t: {c: 0.25 for c in COLUMNS} for t in ("segm", "bbox")}
+        (Path(run_dir) / "config.yaml").write_text(cfg.dump())
+        (Path(run_dir) / "model_final.pth").write_bytes(b"")
+        (Path(run_dir) / "metrics.json").write_text(json.dumps(metrics))
+        return {"stop_reason": "completed", "metrics": metrics}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    row = accuracy.train_and_evaluate(config, config, [], 0, out, [])
+    run = out / f"{config}_seed0"
+    # trained once; val from the run's own final evaluation, test from the held-out split's
+    assert trained == [run] and not row["reused"] and row["segm"]["AP"] == 0.25 and row["test"]["segm"]["AP"] == 0.125
+    assert len(calls) == 1 and calls[0][0] == run / "model_final.pth"
+    test_override = [o for o in calls[0][1] if o.startswith("data.val=")]
+    assert test_override and "annotations/test.json" in test_override[0] and "shapes-bench/test" in test_override[0]
+    assert Path(row["test"]["eval_dir"]).parent == run
+    record = json.loads((run / accuracy.INPUTS_FILE).read_text())
+    assert record["asset_sha256"] == {"asset:comask_mnv3_shapes_demo.pth": hashlib.sha256(b"weights v1").hexdigest()}
+    assert record["load_only"] == list(load_config(config).runtime.load_only) and record["load_strict"] is True
+
+    # the same call again: reused, both evaluations read back
+    row = accuracy.train_and_evaluate(config, config, [], 0, out, [])
+    assert row["reused"] and row["test"]["segm"]["AP"] == 0.125 and len(calls) == 1 and len(trained) == 1
+
+    # another asset file content: refused, naming it
+    asset.write_bytes(b"weights v2")
+    with pytest.raises(UserError, match=r"content of asset:comask_mnv3_shapes_demo.pth differs"):
+        accuracy.train_and_evaluate(config, config, [], 0, out, [])
+    asset.write_bytes(b"weights v1")
+    # other load settings than the run's: refused, naming the key
+    for opt, key in (("runtime.load_only=[backbone.body.]", "runtime.load_only"),
+                     ("runtime.load_strict=false", "runtime.load_strict"),
+                     ("runtime.load_from=null", "runtime.load_from")):
+        with pytest.raises(UserError, match=rf"{key} differs"):
+            accuracy.train_and_evaluate(config, config, [], 0, out, [opt])
+    # a run with no record of the asset's content (trained before the check existed) is not trusted
+    (run / accuracy.INPUTS_FILE).unlink()
+    with pytest.raises(UserError, match=r"no record"):
+        accuracy.train_and_evaluate(config, config, [], 0, out, [])
+    # a partial run that started from another asset content is not resumed
+    (run / "model_final.pth").unlink()
+    (run / accuracy.INPUTS_FILE).write_text(json.dumps({**record, "asset_sha256": {
+        "asset:comask_mnv3_shapes_demo.pth": "0" * 64}}))
+    with pytest.raises(UserError, match=r"partial run whose the content of asset:"):
+        accuracy.train_and_evaluate(config, config, [], 0, out, [])
+    assert len(trained) == 1
+    # the held-out split only changes what is scored afterwards: not a different run
+    (run / accuracy.INPUTS_FILE).write_text(json.dumps(record))
+    (run / "model_final.pth").write_bytes(b"")
+    row = accuracy.train_and_evaluate(config, config, [], 0, out, ["data.test=null"])
+    assert row["reused"] and row["test"] is None and len(trained) == 1

@@ -20,7 +20,7 @@ from comask.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from comask.engine.train import get_rng_state, set_rng_state
+from comask.engine.runtime import get_rng_state, set_rng_state
 from comask.errors import CheckpointError
 
 
@@ -40,12 +40,18 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 def test_checkpoint_gets_the_usual_file_mode(tmp_path: Path) -> None:
     """Not the temp file's owner-only 0600: an exported or shared checkpoint is readable like any new file."""
-    old = os.umask(0o022)
-    try:
-        p = save_checkpoint(_ckpt(1.0), tmp_path / "m.pth")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    ref = tmp_path / "ref.txt"
+    ref.write_text("x")  # the mode any new file gets here (0644 under the usual umask 022)
+    p = save_checkpoint(_ckpt(1.0), tmp_path / "m.pth")
+    assert stat.S_IMODE(p.stat().st_mode) == stat.S_IMODE(ref.stat().st_mode) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # read without os.umask (which sets it process-wide): Linux reports it in /proc/self/status
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    pytest.skip("no Umask line in /proc/self/status")
 
 
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,9 +174,12 @@ def test_bad_file_found_only_when_reading_is_skipped_lazily(tiny_coco) -> None:
     tiny_coco.image_path(1).write_text("not an image")
     ds = CocoDataset(tiny_coco.ann, tiny_coco.images, train=False, skip_bad=True, check_files=False)
     assert len(ds) == 4
-    _, t = ds[ds.image_ids.index(1)]
-    assert t["image_id"] == 2  # the next readable image stands in
+    img, t = ds[ds.image_ids.index(1)]
+    assert img is None and t["image_id"] == 1 and t["skipped"] == "not_an_image"  # evaluation: no stand-in
     assert ds.skipped == {"not_an_image": 1}
+    train_ds = CocoDataset(tiny_coco.ann, tiny_coco.images, train=True, skip_bad=True, check_files=False)
+    _, t = train_ds[train_ds.image_ids.index(1)]
+    assert t["image_id"] == 2  # training: the next readable image stands in
     strict = CocoDataset(tiny_coco.ann, tiny_coco.images, train=False, check_files=False)
     with pytest.raises(DataError, match=r"image 1 \(a.png\).*skip_bad"):
         strict[strict.image_ids.index(1)]

@@ -111,7 +111,7 @@ def test_mobilenet_pyramid_strides_and_width(name):
 def test_backbone_name_errors():
     with pytest.raises(ConfigError, match="model.backbone.name"):
         build_backbone_fpn("vgg16", 18)
-    with pytest.raises(ConfigError, match="ResNets only"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         build_backbone_fpn("mobilenet_v3_small", 18, frozen_stages=0, weights="resnet18.pth")
     with pytest.raises(ValueError, match="frozen_stages"):
         build_backbone_fpn("mobilenet_v3_large", 18, frozen_stages=5)

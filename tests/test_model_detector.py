@@ -21,7 +21,7 @@ MASKRCNN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectn
 def tiny_cfg(kind: str = "comask", branches: int = 2, *extra: str) -> Config:
     name = "comask_r50_mfpn_2x_coco" if kind == "comask" else "maskrcnn_r50_fpn_2x_coco"
     return load_config(name, [
-        "model.backbone.depth=18", "model.backbone.norm=bn", "model.backbone.frozen_stages=0",
+        "model.backbone.weights=null", "model.backbone.depth=18", "model.backbone.norm=bn", "model.backbone.frozen_stages=0",
         "model.fpn.channels=32", f"model.msfem.branches={branches}", f"model.num_classes={NUM_CLASSES}",
         "model.rpn.anchor_sizes=[8,16,32,64,128]",
         "model.rpn.pre_nms_top_n_train=200", "model.rpn.post_nms_top_n_train=100",
@@ -217,7 +217,9 @@ def test_baseline_is_torchvision_mask_rcnn_layout():
     """maskrcnn_r50_fpn_2x_coco has torchvision's maskrcnn_resnet50_fpn architecture: same keys and
     shapes (so its COCO checkpoints fit), same RPN/RoI knobs."""
     torch.manual_seed(0)
-    ours = build_model(load_config("maskrcnn_r50_fpn_2x_coco"))
+    # random weights in the layout of torchvision's COCO checkpoints (FrozenBN)
+    random_frozen = ["model.backbone.weights=null", "model.backbone.norm=frozen_bn", "model.backbone.frozen_stages=1"]
+    ours = build_model(load_config("maskrcnn_r50_fpn_2x_coco", random_frozen))
     ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81)
     a, b = ours.state_dict(), ref.state_dict()
     # without backbone weights torchvision builds trainable BN; its COCO checkpoints use frozen BN
@@ -229,7 +231,7 @@ def test_baseline_is_torchvision_mask_rcnn_layout():
     assert ours.roi_heads.detections_per_img == ref.roi_heads.detections_per_img == 100
     assert ours.roi_heads.nms_thresh == ref.roi_heads.nms_thresh == 0.5
     assert ours.transform._skip_resize and ours.transform.min_size == (800,)
-    comask = build_model(load_config("comask_r50_mfpn_2x_coco"))
+    comask = build_model(load_config("comask_r50_mfpn_2x_coco", random_frozen))
     # in_fpn (the default): MSFEMs replace the FPN's 3x3 output convs (fpn.layer_blocks), the rest is shared
     shared = [k for k in a if k.startswith(("backbone.body.", "backbone.fpn.inner_blocks.", "rpn."))]
     cs = comask.state_dict()
@@ -252,6 +254,6 @@ def test_shapes_bench_pair_differs_only_in_method():
         cfg.pop("name")
     assert a == b  # backbone, FPN, RPN, sampling, heads' widths, test knobs, data, schedule, runtime
     assert a["model"]["backbone"] == {
-        "name": "resnet", "depth": 18, "norm": "bn", "frozen_stages": 0, "weights": None
+        "name": "resnet", "depth": 18, "norm": "bn", "frozen_stages": 0, "weights": None, "force_frozen_bn": False
     }
     assert a["schedule"]["ims_per_batch"] == 8

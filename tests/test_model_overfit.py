@@ -101,8 +101,8 @@ def overfit(
 ) -> tuple[float, float]:
     torch.manual_seed(seed)
     cfg = load_config(f"{kind}_r50_{'mfpn' if kind == 'comask' else 'fpn'}_2x_coco", [
-        "model.backbone.depth=18", "model.backbone.norm=bn", "model.backbone.frozen_stages=0",
-        "model.fpn.channels=64", f"model.num_classes={len(CLASSES)}",
+        "model.backbone.weights=null", "model.backbone.depth=18", "model.backbone.norm=bn",
+        "model.backbone.frozen_stages=0", "model.fpn.channels=64", f"model.num_classes={len(CLASSES)}",
         "model.rpn.anchor_sizes=[8,16,32,64,128]",
         "model.rpn.pre_nms_top_n_train=300", "model.rpn.post_nms_top_n_train=150",
         "model.rpn.pre_nms_top_n_test=150", "model.rpn.post_nms_top_n_test=100",

@@ -229,7 +229,7 @@ def test_model_failure_on_one_image_skips_only_that_image(tmp_path, capsys):
 
 
 def test_resolve_device_one_rule_for_train_eval_predict(monkeypatch: pytest.MonkeyPatch) -> None:
-    from comask.engine.predict import resolve_device
+    from comask.engine.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == resolve_device(None) == resolve_device("CPU") == torch.device("cpu")

@@ -27,6 +27,7 @@ from comask.modeling.pretrained import (
 
 # Everything after the FPN shrunk (the FPN must stay 256 wide to take torchvision's FPN weights).
 SMALL_HEADS = [
+    "model.backbone.weights=null",  # tests that load ImageNet weights name their file after this list
     "model.rpn.pre_nms_top_n_test=50", "model.rpn.post_nms_top_n_test=20", "model.collab_head.conv_dim=16",
     "model.collab_head.num_convs=1", "model.msfem.branches=1", "model.mask_head.conv_dim=16",
     # after_fpn keeps torchvision's FPN output convs, which these tests follow; the in_fpn default (whose
@@ -69,8 +70,8 @@ def legacy_layout(sd: dict) -> dict:
 
 def test_imagenet_resnet50_lands_in_the_backbone(imagenet_file, caplog):
     path, src = imagenet_file
-    cfg = load_config("comask_r50_mfpn_2x_coco", [f"model.backbone.weights={path}", "model.fpn.channels=32",
-                                                   "model.num_classes=3", *SMALL_HEADS])
+    cfg = load_config("comask_r50_mfpn_2x_coco", [*SMALL_HEADS, f"model.backbone.weights={path}",
+                                                   "model.fpn.channels=32", "model.num_classes=3"])
     with caplog.at_level(logging.INFO, logger="comask.pretrained"):
         model = build_model(cfg)
     own = model.state_dict()
@@ -87,8 +88,8 @@ def test_imagenet_resnet50_lands_in_the_backbone(imagenet_file, caplog):
 def test_imagenet_file_of_another_depth_is_refused(imagenet_file):
     path, _ = imagenet_file
     cfg = load_config("comask_r50_mfpn_2x_coco", [
-        f"model.backbone.weights={path}", "model.backbone.depth=18", "model.backbone.norm=bn",
-        "model.fpn.channels=16", "model.num_classes=3", *SMALL_HEADS])
+        *SMALL_HEADS, f"model.backbone.weights={path}", "model.backbone.depth=18", "model.backbone.norm=bn",
+        "model.fpn.channels=16", "model.num_classes=3"])
     with pytest.raises(CheckpointError, match="model.backbone.weights.*depth"):
         build_model(cfg)
 
@@ -175,9 +176,8 @@ def test_unusable_files_are_clear_errors(tmp_path):
 
 def test_checkpoint_loading_does_not_need_the_pretrained_files(tmp_path):
     cfg = load_config("comask_r50_mfpn_2x_coco", [
-        f"model.backbone.weights={tmp_path / 'gone.pth'}", f"model.init_from={tmp_path / 'gone2.pth'}",
-        "model.backbone.depth=18", "model.backbone.norm=bn", "model.fpn.channels=16", "model.num_classes=3",
-        *SMALL_HEADS])
+        *SMALL_HEADS, f"model.backbone.weights={tmp_path / 'gone.pth'}", f"model.init_from={tmp_path / 'gone2.pth'}",
+        "model.backbone.depth=18", "model.backbone.norm=bn", "model.fpn.channels=16", "model.num_classes=3"])
     with pytest.raises(CheckpointError, match="model.backbone.weights"):
         build_model(cfg)
     assert build_model(cfg, pretrained=False) is not None

@@ -192,8 +192,10 @@ def test_worker_skips_are_counted_once_in_the_main_process(tiny_coco: TinyCoco) 
     ds = CocoDataset(tiny_coco.ann, tiny_coco.images, train=False, skip_bad=True)
     assert not ds.skipped  # the header and the end marker are fine: nothing to see at start-up
     for _ in range(2):  # two passes: the image is drawn twice, decoded (and counted) once
-        ids = [t["image_id"] for _, ts in build_test_loader(ds, 1, num_workers=2) for t in ts]
-        assert 1 not in ids and len(ids) == 4  # the next readable image stands in
+        items = [(im, t) for ims, ts in build_test_loader(ds, 1, num_workers=2) for im, t in zip(ims, ts)]
+        # evaluation: no other image stands in; the bad one comes back without pixels, marked skipped
+        assert [t["image_id"] for _, t in items] == ds.image_ids
+        assert [t["image_id"] for im, t in items if im is None] == [1] and items[0][1]["skipped"] == "corrupt_image"
     assert ds.skipped == {"corrupt_image": 1}
     assert ds.skipped_items == [("image 1 (a.png)", "corrupt_image")]
 

@@ -27,6 +27,7 @@ CLASSES = ["circle", "square", "triangle"]
 # CoMask from the built-in R50 config, shrunk so one 128 px image takes a fraction of a second on
 # a CPU; the model head's own score threshold is 0 so that random weights still yield detections.
 TINY_OVERRIDES = [
+    "model.backbone.weights=null",
     "model.num_classes=3", "model.backbone.depth=18", "model.backbone.norm=bn", "model.backbone.frozen_stages=0",
     "model.fpn.channels=32", "model.rpn.anchor_sizes=[8,16,32,64,128]", "model.rpn.pre_nms_top_n_test=100",
     "model.rpn.post_nms_top_n_test=50", "model.box_head.fc_dim=64", "model.collab_head.conv_dim=32",

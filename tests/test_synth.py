@@ -35,20 +35,20 @@ def _gen(preset: str) -> dict:
 def bench_small(tmp_path_factory) -> tuple[Path, dict]:
     """The shapes-bench generator at its real image size, few images (module-wide: written once)."""
     out = tmp_path_factory.mktemp("synth") / "bench"
-    summary = synth.write_dataset(out, num_train=20, num_val=16, preset="shapes-bench", workers=1)
+    summary = synth.write_dataset(out, num_train=20, num_val=16, num_test=0, preset="shapes-bench", workers=1)
     return out, summary
 
 
 def test_same_arguments_same_bytes_other_seed_differs(tmp_path: Path, bench_small) -> None:
     out, _ = bench_small
     again = tmp_path / "again"
-    synth.write_dataset(again, num_train=20, num_val=16, preset="shapes-bench", workers=1, verbose=False)
+    synth.write_dataset(again, num_train=20, num_val=16, num_test=0, preset="shapes-bench", workers=1, verbose=False)
     a, b = _files(out), _files(again)
     assert sorted(a) == sorted(b) and len(a) == 20 + 16 + 2
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]][:5]
 
     other = tmp_path / "other"
-    synth.write_dataset(other, num_train=20, num_val=16, preset="shapes-bench", seed=2025, workers=1, verbose=False)
+    synth.write_dataset(other, num_train=20, num_val=16, num_test=0, preset="shapes-bench", seed=2025, workers=1, verbose=False)
     c = _files(other)
     assert c["annotations/train.json"] != a["annotations/train.json"]
     assert sum(c[k] != a[k] for k in a if k.endswith(".png")) == 36  # every image changes
@@ -212,6 +212,55 @@ def test_dataset_configs_match_presets() -> None:
         assert cfg["input"]["max_size_test"] >= longest
 
 
+def test_shapes_bench_has_a_held_out_test_split_from_its_own_seed(tmp_path: Path) -> None:
+    """Issue 23: >= 500 test images drawn by the same generator from a seed of their own; no test image id or
+    file coincides with a val (or train) one. The 500 themselves take ~18 s of one core (measured 2026-12-04),
+    so this draws a few through the same code path `ensure_synth` takes (write_dataset with the preset)."""
+    p = synth.PRESETS["shapes-bench"]
+    assert p["num_test"] >= 500 and p["test_seed"] != p["seed"]
+    assert synth.PRESETS["demo"].get("num_test", 0) == 0  # the demo set has no test split
+    out = tmp_path / "b"
+    s = synth.write_dataset(out, num_train=2, num_val=6, num_test=6, preset="shapes-bench", workers=1, verbose=False)
+    assert s["seed"] == p["seed"] and s["test_seed"] == p["test_seed"] and s["splits"]["test"]["images"] == 6
+    docs = {k: json.loads((out / "annotations" / f"{k}.json").read_text()) for k in ("train", "val", "test")}
+    assert docs["test"]["info"]["seed"] == p["test_seed"] and docs["val"]["info"]["seed"] == p["seed"]
+    assert docs["test"]["categories"] == docs["val"]["categories"]
+    ids = {k: {im["id"] for im in d["images"]} for k, d in docs.items()}
+    names = {k: {im["file_name"] for im in d["images"]} for k, d in docs.items()}
+    assert not ids["test"] & (ids["val"] | ids["train"]) and not names["test"] & (names["val"] | names["train"])
+    assert {a["image_id"] for a in docs["test"]["annotations"]} <= ids["test"]
+    assert sorted(f.name for f in (out / "test").iterdir()) == sorted(names["test"])
+    # the pixels differ from val's too (same index, other seed and split)
+    val_px = {np.asarray(Image.open(out / "val" / n)).tobytes() for n in names["val"]}
+    assert not any(np.asarray(Image.open(out / "test" / n)).tobytes() in val_px for n in names["test"])
+    # the test split's own seed is what draws it: the val seed in its place gives other images
+    img_t, _ = synth.render_image(_gen("shapes-bench"), p["size"], p["test_seed"], "test", 0)
+    img_v, _ = synth.render_image(_gen("shapes-bench"), p["size"], p["seed"], "test", 0)
+    assert np.array_equal(img_t, np.asarray(Image.open(out / "test" / f"{synth.TEST_ID_BASE + 1:06d}.png")))
+    assert not np.array_equal(img_t, img_v)
+    # the config names that split where ensure_synth writes it
+    cfg = _load_file(CONFIG_DIR / "shapes_bench.yaml")
+    root = cfg["data"]["synth"]["root"]
+    assert cfg["data"]["test"] == {"ann": f"{root}/annotations/test.json", "images": f"{root}/test"}
+    for fname in ("coco_instance.yaml", "shapes_demo.yaml", "shapes_demo_pretrain.yaml"):
+        assert _load_file(CONFIG_DIR / fname)["data"]["test"] is None, fname
+    with pytest.raises(DataError, match="--test-seed"):
+        synth.write_dataset(tmp_path / "x", num_train=1, num_val=1, num_test=1, size=64, seed=3, verbose=False)
+    with pytest.raises(DataError, match="differ"):
+        synth.write_dataset(tmp_path / "x", num_test=1, test_seed=p["seed"], preset="shapes-bench", verbose=False)
+
+
+def test_ensure_synth_writes_the_test_split(tmp_path: Path, monkeypatch) -> None:
+    tiny = {**synth.PRESETS["shapes-bench"], "num_train": 2, "num_val": 2, "num_test": 3, "size": 48}
+    monkeypatch.setitem(synth.PRESETS, "tiny-bench", tiny)
+    monkeypatch.setattr(synth, "_default_workers", lambda: 1)
+    root = synth.ensure_synth("tiny-bench", tmp_path / "tb")
+    test = json.loads((root / "annotations" / "test.json").read_text())
+    assert len(test["images"]) == 3 and len(list((root / "test").glob("*.png"))) == 3
+    assert test["info"]["seed"] == tiny["test_seed"] != tiny["seed"]
+    assert synth.ensure_synth("tiny-bench", root) == root  # complete (test included): kept as it is
+
+
 def test_ensure_synth_generates_once_and_repairs(tmp_path: Path, monkeypatch) -> None:
     tiny = {**synth.PRESETS["demo"], "num_train": 3, "num_val": 2, "size": 48}
     monkeypatch.setitem(synth.PRESETS, "tiny", tiny)
@@ -259,7 +308,7 @@ def test_cli_writes_and_reports(tmp_path: Path) -> None:
 def test_generation_speed_is_measured(tmp_path: Path) -> None:
     """Prints images/s (single process, shapes-bench size); timing is not asserted in a unit test."""
     t0 = time.process_time()
-    s = synth.write_dataset(tmp_path / "speed", num_train=24, num_val=0, preset="shapes-bench", workers=1, verbose=False)
+    s = synth.write_dataset(tmp_path / "speed", num_train=24, num_val=0, num_test=0, preset="shapes-bench", workers=1, verbose=False)
     cpu = time.process_time() - t0
     print(f"\nsynth speed: {s['images_per_s']} images/s wall, {24 / cpu:.0f} images/s per CPU-second")
     assert s["splits"]["train"]["images"] == 24 and s["images_per_s"] > 0

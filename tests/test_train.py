@@ -29,7 +29,8 @@ from comask.engine.optim import (  # noqa: E402
     scaled_lr,
     set_time_progress,
 )  # noqa: E402
-from comask.engine.train import NonFiniteLossError, OutputDirError, train  # noqa: E402
+from comask.engine.runtime import OutputDirError  # noqa: E402
+from comask.engine.train import NonFiniteLossError, train  # noqa: E402
 from comask.errors import UserError  # noqa: E402
 
 
@@ -247,7 +248,7 @@ def test_load_only_takes_the_named_prefixes_and_nothing_else(data_root: Path, tm
 
 
 def test_asset_paths_name_the_packaged_files() -> None:
-    from comask.engine.checkpoint import resolve_asset
+    from comask.checkpoint_io import resolve_asset
 
     shipped = resolve_asset("asset:comask_mnv3_shapes_demo.pth")
     assert shipped.is_file() and shipped.parent.name == "assets"

@@ -15,7 +15,7 @@ import torch
 from comask.bench.accuracy import (
     ABLATION_MODELS,
     ACCURACY_MODELS,
-    format_table,
+    format_tables,
     run_training_table,
     select_models,
 )
@@ -73,6 +73,8 @@ def _speed(a: argparse.Namespace) -> int:
         device=getattr(a, "device", "cpu"),
         amp=getattr(a, "amp", None),
         rounds=int(getattr(a, "rounds", 1) or 1),
+        batches=getattr(a, "batches", None),
+        compile=bool(getattr(a, "compile", False)),
     )
     report["machine"] = machine()
     if a.json:
@@ -124,7 +126,8 @@ def _accuracy(a: argparse.Namespace, ablation: bool) -> int:
     header = (f"{info['cpu']}, threads {threads} per run, {jobs} run(s) at once, torch {info['torch']}, {info['date']}; "
               f"opts {' '.join(a.opts or []) or '(config defaults)'}")
     if rows:
-        text = header + "\n\n" + format_table(rows, extra)
+        # val (choices) and the held-out test (the numbers to report), each final model scored on both
+        text = header + "\n\n" + format_tables(rows, extra)
     else:
         lines = ["| model | CPU latency (s) | GFLOPs | params (M) |", "|---|---|---|---|"]
         lines += [f"| {n} | " + " | ".join(v.values()) + " |" for n, v in extra.items()]

@@ -5,7 +5,10 @@ peak resident set size that `resource.getrusage` reports belongs to that model a
 models of an A/B comparison run one after the other under the same load.
 
 Inference: batch 1, eval mode, a fixed random image of exactly the requested size (the test-time
-resize is set to that size, so the network sees H x W, padded to a multiple of 32 as always). A
+resize is set to that size, so the network sees H x W, padded to a multiple of 32 as always), through
+the path `Predictor` takes (`predict`, bool masks pasted at `model.test.mask_thresh`). Also reported:
+images per second at the `--batches` sizes (default 1 and 8 on CUDA, 1 on the CPU) and, from one
+profiled call, host-device syncs and kernel launches (CPU: aten operators) per image (`count_syncs`). A
 random-initialised detector scores every class near 1/(C+1), below the usual 0.05 threshold, and
 would then run its mask stage on nothing; the benchmark sets `model.test.score_thresh=0` so that both
 models always return `detections_per_img` detections and the RoI heads do their full test-time work
@@ -38,31 +41,25 @@ import numpy as np
 import torch
 
 from comask.config import ConfigError
+from comask.engine.runtime import amp_dtype, autocast
 from comask.errors import UserError
 
 SPEC_FIELDS = ("config", "opts", "weights", "size", "threads", "repeats", "warmup", "mode", "profile", "device",
-               "amp")
+               "amp", "batches", "compile")
 DEVICES = ("cpu", "cuda")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_device(device: str, amp: str | None) -> None:
     """Raise a one-line UserError for a device this process cannot use or an unknown --amp value."""
     if device not in DEVICES:
         raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if amp is not None and amp not in AMP_DTYPES:
-        raise ConfigError(f"--amp must be one of {', '.join(AMP_DTYPES)} (or left out for float32), got {amp!r}")
+    amp_dtype(amp, setting="--amp", off="left out (float32)")
     if device == "cuda" and not torch.cuda.is_available():
         built = torch.version.cuda or "none (CPU-only build)"
         raise UserError(
             f"no CUDA device: torch {torch.__version__} (CUDA {built}) sees no GPU; run on a machine with one, "
             "or leave out --device cuda"
         )
-
-
-def _autocast(device: torch.device, amp: str | None) -> Any:
-    # enabled=False keeps one code path for float32 runs
-    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp or "", torch.float32), enabled=amp is not None)
 
 
 def _sync(device: torch.device) -> None:
@@ -128,6 +125,35 @@ def _inference_cfg(spec: dict[str, Any]) -> Any:
         f"input.max_size_test={max(h, w)}",
     ]
     return load_config(spec["config"], opts)
+
+
+STATIC_PART = ("backbone", "rpn.head")  # shapes fixed by the input size alone: what torch.compile may take
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def compile_static_part(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Replace the static part (backbone with FPN and MSFEMs, RPN head) by `torch.compile`d versions, in
+    place; returns the eager modules by name, to put back. The RoI stage's data-dependent shapes stay eager."""
+    eager = {}
+    for name in STATIC_PART:
+        module = model.get_submodule(name)
+        eager[name] = module
+        _set_module(model, name, torch.compile(module, dynamic=False))
+    return eager
+
+
+def _inference_fn(model: torch.nn.Module, cfg: Any) -> Any:
+    """What `Predictor` runs: comask's detectors' `predict` with bool masks at the config's mask threshold
+    (any other model: its forward)."""
+    predict = getattr(model, "predict", None)
+    if not callable(predict):
+        return model
+    thr = float(cfg.model.test.mask_thresh)
+    return lambda images: predict(images, mask_thr=thr)
 
 
 def _train_batch(cfg: Any, seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -204,7 +230,7 @@ def timed_sgd_steps(
         images, targets = next_batch()
         _sync(device)
         c0, t0 = time.process_time(), time.perf_counter()
-        with _autocast(device, amp):
+        with autocast(device, amp_dtype(amp)):
             loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -246,18 +272,29 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if mode == "inference":
         cfg = _inference_cfg(spec)
         model = _load_model(spec, cfg).eval().to(device)
+        eager = compile_static_part(model) if spec.get("compile") else {}
         h, w = spec["size"]
         image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+        run = _inference_fn(model, cfg)
 
-        def step() -> Any:
-            with torch.inference_mode(), _autocast(device, amp):
-                return model([image])
+        def step(images: list[torch.Tensor] | None = None) -> Any:
+            with torch.inference_mode(), autocast(device, amp_dtype(amp)):
+                return run(images or [image])
 
         out = step()  # first call: allocations, also tells how many detections the RoI heads handled
         detections = int(out[0]["boxes"].shape[0])
         times = _timed(step, int(spec["repeats"]), max(0, int(spec["warmup"]) - 1), cpu_times, device)
         flops_fn = step
         size_desc = [h, w]
+        # images per second at other batch sizes (the same image repeated: the work per image is the same)
+        fps_by_batch = {1: 1.0 / statistics.median(times)}
+        for b in sorted({int(b) for b in spec.get("batches") or [1]} - {1}):
+            batch = [image] * b
+            tb = _timed(lambda batch=batch: step(batch), int(spec["repeats"]), int(spec["warmup"]), None, device)
+            fps_by_batch[b] = b / statistics.median(tb)
+        syncs = count_syncs(step, 1, device.type)
+        for name, module in eager.items():  # FLOPs are counted on the eager modules
+            _set_module(model, name, module)
     elif mode == "train":
         cfg = load_config(spec["config"], list(spec.get("opts") or []))
         model = _load_model(spec, cfg).train().to(device)
@@ -267,10 +304,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         times = timed_sgd_steps(model, lambda: (images, targets), int(spec["repeats"]), int(spec["warmup"]),
                                 cpu_times, amp=amp)
         detections = None
+        fps_by_batch = {}
 
         def flops_fn() -> Any:
             # forward + backward, no update (FlopCounterMode counts the autograd kernels too)
-            with _autocast(device, amp):
+            with autocast(device, amp_dtype(amp)):
                 loss = sum(model(images, targets).values())
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -304,9 +342,65 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     # after the peak RSS: naming the CPU imports comask.bench, whose modules are not the model's memory
     result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     result["gflops"] = _count_flops(flops_fn)
+    if mode == "inference":
+        result["fps_by_batch"] = {str(b): f for b, f in fps_by_batch.items()}
+        result["syncs"] = syncs
+        result["compiled"] = bool(eager)
     if spec.get("profile"):
         result["profile"] = _profile(flops_fn if mode == "train" else step, int(spec["profile"]))
     return result
+
+
+# Operators that make the host wait for the device's values (on CUDA a stream synchronisation; on the CPU the
+# same calls, counted as the device-independent stand-in): scalar reads, data-dependent shapes, torchvision's
+# NMS (its CUDA kernel finishes on the host) and comask's own marked reads (comask.modeling.sync).
+SYNC_OPS = frozenset({
+    "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
+    "aten::unique_consecutive", "torchvision::nms", "comask::host_read",
+})
+_CUDA_SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"})
+_CUDA_LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                                "cudaGraphLaunch"})
+
+
+def count_syncs(fn: Any, images: int = 1, device: str = "cpu") -> dict[str, Any]:
+    """Run `fn()` once under torch.profiler and count, per image: `syncs` (outermost SYNC_OPS calls, e.g. an
+    `.item()` counts once, not again for the `_local_scalar_dense` inside it), `by_op` (the same per operator),
+    `ops` (outermost aten operators: on the CPU the stand-in for kernel launches) and, on CUDA, `launches`
+    (kernel launch calls) and `cuda_syncs` (stream / device / event synchronisations and blocking copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+    by_op: dict[str, int] = {}
+    ops = launches = cuda_syncs = 0
+    for e in prof.events():
+        name = e.name
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue  # a profiler range also shows on the GPU timeline under the same name: count it once
+        if name in _CUDA_LAUNCH_CALLS:
+            launches += 1
+        elif name in _CUDA_SYNC_CALLS:
+            cuda_syncs += 1
+        parent, under_sync, under_op = e.cpu_parent, False, False
+        while parent is not None:
+            under_sync = under_sync or parent.name in SYNC_OPS
+            under_op = under_op or parent.name.startswith("aten::")
+            parent = parent.cpu_parent
+        if name.startswith("aten::") and not under_op:
+            ops += 1
+        if name in SYNC_OPS and not under_sync:
+            by_op[name] = by_op.get(name, 0) + 1
+    out: dict[str, Any] = {
+        "syncs": sum(by_op.values()) / images,
+        "by_op": {k: v / images for k, v in sorted(by_op.items())},
+        "ops": ops / images,
+    }
+    if device == "cuda":
+        out["launches"] = launches / images
+        out["cuda_syncs"] = cuda_syncs / images
+    return out
 
 
 def _profile(fn: Any, top: int) -> list[dict[str, Any]]:
@@ -410,6 +504,9 @@ def pool_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["latency_s"] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
     out["cpu_s"] = {"median": statistics.median(cpus), "min": min(cpus), "max": max(cpus)}
     out["fps"] = 1.0 / out["latency_s"]["median"]
+    if out.get("fps_by_batch"):  # batch 1 from the pooled timings, other sizes the median of the rounds'
+        out["fps_by_batch"] = {b: statistics.median(r["fps_by_batch"][b] for r in results) for b in out["fps_by_batch"]}
+        out["fps_by_batch"]["1"] = out["fps"]
     out["rounds"] = len(results)
     out["round_medians_s"] = [r["latency_s"]["median"] for r in results]
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
@@ -432,6 +529,8 @@ def run_speed(
     device: str = "cpu",
     amp: str | None = None,
     rounds: int = 1,
+    batches: list[int] | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Measure each config in its own subprocess (A, then B) and compute the A/B ratios.
 
@@ -441,12 +540,15 @@ def run_speed(
     check_device(device, amp)  # here too, so a missing GPU is one line and not a subprocess traceback
     if rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {rounds}")
+    if batches is not None and (not batches or min(batches) < 1):
+        raise UserError(f"--batches must list batch sizes >= 1, got {batches}")
     runs: list[list[dict[str, Any]]] = [[] for _ in configs]
     for r in range(rounds):
         for i, config in enumerate(configs):
             spec = {"config": config, "opts": list(opts or []), "weights": weights, "size": list(size),
                     "threads": threads, "repeats": repeats, "warmup": warmup, "mode": mode,
-                    "profile": profile if r == 0 else 0, "device": device, "amp": amp}
+                    "profile": profile if r == 0 else 0, "device": device, "amp": amp,
+                    "batches": list(batches or ([1, 8] if device == "cuda" else [1])), "compile": compile}
             runs[i].append(run_in_subprocess(spec))
     models = [pool_rounds(rs) for rs in runs]
     report: dict[str, Any] = {"models": models}
@@ -502,6 +604,25 @@ def format_report(report: dict[str, Any]) -> str:
             f"peak RSS {r['peak_rss']:.3f}x, GFLOPs {r['gflops']:.3f}x, params {r['params']:.3f}x"
             + (f", peak GPU memory {r['peak_gpu']:.3f}x" if r.get("peak_gpu") is not None else "")
         )
+    if any(m.get("compiled") for m in models):
+        lines += ["", "torch.compile: " + ", ".join(STATIC_PART) + " compiled (the RoI stage eager; FLOPs counted eager)"]
+    if any(m.get("syncs") for m in models):
+        batches = sorted({int(b) for m in models for b in m.get("fps_by_batch") or {}})
+        per = "kernel launches" if gpu else "aten ops"
+        lines += ["", f"| config | host syncs / image | {per} / image | "
+                  + " | ".join(f"FPS batch {b}" for b in batches) + " |",
+                  "|---|---|---|" + "---|" * len(batches)]
+        for m in models:
+            sy = m.get("syncs") or {}
+            fps = m.get("fps_by_batch") or {}
+            work = sy.get("launches", sy.get("ops", 0.0))
+            lines.append(f"| {m['config']} | {sy.get('syncs', 0.0):.0f} | {work:.0f} | "
+                         + " | ".join(f"{fps[str(b)]:.2f}" if str(b) in fps else "-" for b in batches) + " |")
+        for m in models:
+            by_op = (m.get("syncs") or {}).get("by_op") or {}
+            if by_op:
+                lines.append(f"{m['config']} syncs by operator: "
+                             + ", ".join(f"{k} {v:g}" for k, v in by_op.items()))
     for m in models:
         for row in m.get("profile") or []:
             if row is (m.get("profile") or [None])[0]:

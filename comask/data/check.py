@@ -23,7 +23,8 @@ from comask.data.images import MAX_PIXELS
 _TEXT_LIMIT_PER_KIND = 20  # text output lists this many problems of each kind, then a count
 
 
-def build_report(ann: str | Path, images: str | Path, *, deep: bool = False, max_pixels: int = MAX_PIXELS) -> dict:
+def build_report(ann: str | Path, images: str | Path, *, deep: bool = False, max_pixels: int = MAX_PIXELS,
+                 allow_outside_paths: bool = False) -> dict:
     """The data check report as a dict (what `--json` prints)."""
     t0 = time.perf_counter()
     report: dict[str, Any] = {"ann": str(ann), "images_dir": str(images), "images": 0, "annotations": 0,
@@ -39,7 +40,8 @@ def build_report(ann: str | Path, images: str | Path, *, deep: bool = False, max
         report["errors"].append({"level": "error", "kind": "missing_image_dir",
                                  "message": f"{images}: image folder not found", "fix": "check --images",
                                  "file": str(images)})
-    scan = scan_coco(data, images, check_files=Path(images).is_dir(), decode=deep, max_pixels=max_pixels)
+    scan = scan_coco(data, images, check_files=Path(images).is_dir(), decode=deep, max_pixels=max_pixels,
+                     allow_outside_paths=allow_outside_paths)
     report.update(images=scan.num_images, annotations=scan.num_annotations, crowd=scan.num_crowd,
                   categories=len(data["categories"]))
 
@@ -89,9 +91,10 @@ def _print_text(r: dict) -> None:
     print(f"{verdict}: {len(r['errors'])} error(s), {len(r['warnings'])} warning(s)", file=out)
 
 
-def run_check(ann: str | Path, images: str | Path, as_json: bool = False, deep: bool = False) -> int:
+def run_check(ann: str | Path, images: str | Path, as_json: bool = False, deep: bool = False,
+              allow_outside_paths: bool = False) -> int:
     """Print the report (text or one JSON object); 0 when there are no errors, 1 otherwise."""
-    r = build_report(ann, images, deep=deep)
+    r = build_report(ann, images, deep=deep, allow_outside_paths=allow_outside_paths)
     if as_json:
         print(json.dumps(r, default=str))
     else:

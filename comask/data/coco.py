@@ -21,11 +21,12 @@ import json
 import logging
 import math
 import pickle
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,17 @@ class ScanResult:
         return out
 
 
+_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # JSON decodes valid pairs to one char
+
+
+def path_leaves_folder(file_name: str) -> bool:
+    """True when `file_name`, joined to the image folder, names a file outside it: an absolute path, a
+    drive (Windows) or a `..` segment (POSIX or Windows separators). Symlinks inside the folder are not
+    followed: a linked image folder is a common, deliberate layout."""
+    return any(p.is_absolute() or p.anchor or ".." in p.parts
+               for p in (PurePosixPath(file_name), PureWindowsPath(file_name)))
+
+
 def _as_int(x: Any) -> int | None:
     if isinstance(x, bool):
         return None
@@ -111,6 +123,11 @@ def _as_int(x: Any) -> int | None:
     if isinstance(x, float) and x.is_integer():
         return int(x)
     return None
+
+
+def _scalar(x: Any) -> Any:
+    """A malformed id as a hashable, printable value (a list or object id becomes its short repr)."""
+    return x if x is None or isinstance(x, (int, float, str)) else repr(x)[:40]
 
 
 def _is_num(x: Any) -> bool:
@@ -156,12 +173,55 @@ def load_coco_json(path: str | Path) -> dict:
     return data
 
 
-def _check_polygons(segm: list, img_id: Any, ann_id: Any) -> tuple[list | None, list[Problem]]:
+_FAR = 1e9  # coordinates beyond this are clamped before clipping (no float overflow in the intersections)
+
+
+def _clip_margin(h: int, w: int) -> float:
+    # polygons reaching further than this outside the image are clipped: far enough that real data (a
+    # few pixels out) is never touched, near enough that rasterizing costs no more than a large image
+    return float(max(h, w) + 1024)
+
+
+def clip_polygon(xy: np.ndarray, width: float, height: float, margin: float) -> np.ndarray:
+    """The part of polygon `xy` (N, 2) inside [-margin, width + margin] x [-margin, height + margin]
+    (Sutherland-Hodgman; the rectangle is convex, so the result is one polygon, maybe empty).
+
+    Rasterizers walk every polygon edge pixel by pixel: pycocotools allocates ~ the edge length in
+    pixels, so one coordinate of 1e9 costs gigabytes. Inside the image the clipped polygon covers the
+    same pixels, up to sub-pixel rounding of the new vertices on the clip lines.
+    """
+    pts = np.clip(np.asarray(xy, dtype=np.float64).reshape(-1, 2), -_FAR, _FAR)
+    for axis, bound, above in ((0, -margin, True), (0, width + margin, False),
+                               (1, -margin, True), (1, height + margin, False)):
+        if len(pts) == 0:
+            break
+        inside = pts[:, axis] >= bound if above else pts[:, axis] <= bound
+        if inside.all():
+            continue
+        out: list[np.ndarray] = []
+        for k in range(len(pts)):
+            p, q, p_in, q_in = pts[k - 1], pts[k], inside[k - 1], inside[k]  # the edge p -> q
+            if p_in != q_in:
+                t = (bound - p[axis]) / (q[axis] - p[axis])
+                cross = p + t * (q - p)
+                cross[axis] = bound
+                out.append(cross)
+            if q_in:
+                out.append(q)
+        pts = np.array(out, dtype=np.float64).reshape(-1, 2)
+    return pts
+
+
+def _check_polygons(segm: list, img_id: Any, ann_id: Any,
+                    hw: tuple[int, int] | None = None) -> tuple[list | None, list[Problem]]:
     probs: list[Problem] = []
     good = []
     for poly in segm:
         # numpy validates long coordinate lists ~10x faster than per-element Python checks
-        arr = np.array(poly) if isinstance(poly, list) else None
+        try:
+            arr = np.array(poly) if isinstance(poly, list) else None
+        except (ValueError, TypeError, OverflowError):  # ragged nesting, mixed types
+            arr = None
         if arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "fiu") or len(poly) % 2:
             return None, [Problem("error", "bad_segmentation",
                                   f"annotation {ann_id} (image {img_id}): polygon is not a flat list of x,y numbers",
@@ -178,6 +238,18 @@ def _check_polygons(segm: list, img_id: Any, ann_id: Any) -> tuple[list | None, 
                                  "(< 3)", "delete the polygon (it is ignored in training)",
                                  image_id=img_id, ann_id=ann_id))
             continue
+        if hw is not None:
+            h, w = hw
+            xs, ys, m = arr[0::2], arr[1::2], _clip_margin(h, w)
+            if xs.min() < -m or ys.min() < -m or xs.max() > w + m or ys.max() > h + m:
+                clipped = clip_polygon(arr, w, h, m)
+                if len(clipped) < 3:
+                    probs.append(Problem("warning", "degenerate_polygon",
+                                         f"annotation {ann_id} (image {img_id}): polygon lies outside the image",
+                                         "delete the polygon (it is ignored in training)",
+                                         image_id=img_id, ann_id=ann_id))
+                    continue
+                poly = [float(v) for v in clipped.reshape(-1)]
         good.append(poly)
     if not good:
         if not probs:
@@ -188,6 +260,31 @@ def _check_polygons(segm: list, img_id: Any, ann_id: Any) -> tuple[list | None, 
             probs[-1].message += "; no valid polygon left, annotation dropped"
         return None, probs
     return good, probs
+
+
+def rle_string_counts(s: str) -> list[int] | None:
+    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None when `s` is
+    not one (a character outside '0'..'o', or a run cut off at the end)."""
+    runs: list[int] = []
+    p, n = 0, len(s)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return None
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
 
 
 def _check_rle(segm: dict, img_id: Any, ann_id: Any, hw: tuple[int, int] | None) -> tuple[dict | None, list[Problem]]:
@@ -210,6 +307,15 @@ def _check_rle(segm: dict, img_id: Any, ann_id: Any, hw: tuple[int, int] | None)
                               f"annotation {ann_id} (image {img_id}): RLE size {h}x{w} differs from the image "
                               f"{hw[0]}x{hw[1]}", "re-encode the mask at the image size",
                               image_id=img_id, ann_id=ann_id)]
+    if isinstance(counts, str):
+        # pycocotools' decoder writes every run without a bounds check: runs past h*w overflow its buffer
+        runs = rle_string_counts(counts)
+        if runs is None or any(r < 0 for r in runs) or sum(runs) != h * w:
+            why = "is not a COCO RLE string" if runs is None else (
+                "has negative runs" if any(r < 0 for r in runs) else f"decodes to {sum(runs)} pixels, not {h}*{w}")
+            return None, [Problem("error", "bad_segmentation",
+                                  f"annotation {ann_id} (image {img_id}): compressed RLE counts {why}",
+                                  "re-encode the mask with pycocotools", image_id=img_id, ann_id=ann_id)]
     return {"size": [h, w], "counts": counts}, []
 
 
@@ -258,8 +364,14 @@ def scan_coco(
     decode: bool = False,
     max_pixels: int = MAX_PIXELS,
     workers: int = 8,
+    allow_outside_paths: bool = False,
 ) -> ScanResult:
-    """Validate a loaded COCO dict; with `check_files`, also read every image header in `image_dir`."""
+    """Validate a loaded COCO dict; with `check_files`, also read every image header in `image_dir`.
+
+    A `file_name` that leaves the image folder (`..` segments, an absolute path or drive) is an error
+    (`path_outside_images`: the entry is not used and its file is never opened) unless
+    `allow_outside_paths`, which turns it into a warning.
+    """
     global_problems: list[Problem] = []
     image_problems: dict[Any, list[Problem]] = {}
 
@@ -289,16 +401,28 @@ def scan_coco(
         iid, fn = _as_int(im.get("id")), im.get("file_name")
         h, w = _as_int(im.get("height")), _as_int(im.get("width"))
         key = iid if iid is not None else f"#{i}"
-        if iid is None or not isinstance(fn, str) or not fn or h is None or w is None or h <= 0 or w <= 0:
-            bad = [k for k, ok in (("id", iid is not None), ("file_name", isinstance(fn, str) and bool(fn)),
+        # control characters (NUL cannot name a file; a newline would split the one-line messages) and lone
+        # surrogates (not encodable as a file name) mark a corrupt entry, not a file to look for
+        fn_ok = isinstance(fn, str) and bool(fn) and not _BAD_NAME_CHARS.search(fn)
+        if iid is None or not fn_ok or h is None or w is None or h <= 0 or w <= 0:
+            bad = [k for k, ok in (("id", iid is not None), ("file_name", fn_ok),
                                    ("height", h is not None and h > 0), ("width", w is not None and w > 0)) if not ok]
             if iid is not None:
                 invalid_ids.add(iid)
             image_problems.setdefault(key, []).append(Problem(
                 "error", "bad_image_entry", f"images[{i}] (id {im.get('id')!r}): missing or wrong type: {', '.join(bad)}",
                 "every image needs an integer id, a file_name and positive integer width/height",
-                image_id=iid, file=fn if isinstance(fn, str) else None))
+                image_id=iid, file=fn if fn_ok else None))
             continue
+        if path_leaves_folder(fn):
+            image_problems.setdefault(key, []).append(Problem(
+                "warning" if allow_outside_paths else "error", "path_outside_images",
+                f"image {iid}: file_name {fn!r} leaves the image folder (absolute path or '..')",
+                "use a path inside the image folder, or set data.allow_outside_paths=true if the files are meant "
+                "to be read from there", image_id=iid, file=fn))
+            if not allow_outside_paths:
+                invalid_ids.add(iid)  # never opened; its annotations go with it
+                continue
         if iid in images:
             image_problems.setdefault(f"#{i}", []).append(Problem(
                 "error", "duplicate_image_id", f"images[{i}]: image id {iid} ({fn}) appears twice",
@@ -354,7 +478,8 @@ def scan_coco(
             continue
         aid, iid, cid = _as_int(a.get("id")), _as_int(a.get("image_id")), _as_int(a.get("category_id"))
         crowd_raw = a.get("iscrowd", 0)
-        info = AnnInfo(i, aid if aid is not None else a.get("id"), iid if iid is not None else a.get("image_id"),
+        info = AnnInfo(i, aid if aid is not None else _scalar(a.get("id")),
+                       iid if iid is not None else _scalar(a.get("image_id")),
                        cid, bool(crowd_raw) if crowd_raw in (0, 1) else False)
         anns.append(info)
         num_crowd += int(info.iscrowd)
@@ -390,7 +515,7 @@ def scan_coco(
         info.problems.extend(probs)
         segm = a["segmentation"]
         if isinstance(segm, list):
-            info.segm, probs = _check_polygons(segm, iid, aid)
+            info.segm, probs = _check_polygons(segm, iid, aid, hw)
         else:
             info.segm, probs = _check_rle(segm, iid, aid, hw)
         info.problems.extend(probs)
@@ -423,11 +548,13 @@ class CocoDataset(torch.utils.data.Dataset):
 
     Extra keyword arguments beyond the design contract: `check_files` reads every image header (and
     JPEG/PNG end markers) up front, so bad files are found before training starts and counted in the
-    main process; `max_pixels` is the refuse-above limit of `comask.data.images`.
+    main process; `max_pixels` is the refuse-above limit of `comask.data.images`;
+    `allow_outside_paths` lets `file_name`s leave `image_dir` (refused by default, see `scan_coco`).
 
     `skipped` counts skipped/dropped entries by reason and `skipped_items` lists (where, reason).
     Files that pass the header check but fail to decode are found while loading: with skip_bad the
-    next image stands in, the skip is logged once and the image is flagged in a shared-memory
+    next image stands in (training) or `(None, {image_id, orig_size, skipped})` comes back
+    (evaluation: `train=False`), the skip is logged once and the image is flagged in a shared-memory
     tensor, so an image found bad inside a DataLoader worker is counted (once, however often it is
     drawn) in the main process's `skipped` too, and is not decoded again.
     """
@@ -446,6 +573,7 @@ class CocoDataset(torch.utils.data.Dataset):
         skip_bad: bool = False,
         check_files: bool = True,
         max_pixels: int = MAX_PIXELS,
+        allow_outside_paths: bool = False,
     ):
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         self.train = train
@@ -460,7 +588,8 @@ class CocoDataset(torch.utils.data.Dataset):
         self._scan_skipped_items: list[tuple[str, str]] = []
 
         data = load_coco_json(self.ann_file)
-        scan = scan_coco(data, self.image_dir, check_files=check_files, max_pixels=max_pixels)
+        scan = scan_coco(data, self.image_dir, check_files=check_files, max_pixels=max_pixels,
+                         allow_outside_paths=allow_outside_paths)
         for p in scan.global_problems:
             self._bad(p, "categories", p.kind)
         self.cat_ids: list[int] = [c["id"] for c in scan.categories]
@@ -476,6 +605,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
         per_image: dict[int, list] = {}
         has_crowd: set[int] = set()
+        gt_anns: list[dict] = []
+        sizes = {im["id"]: (im["height"], im["width"]) for im in scan.images} if not train else {}
         for a in scan.anns:
             if a.image_id in bad_images:
                 continue  # skipped (or fatal) with its image
@@ -488,6 +619,8 @@ class CocoDataset(torch.utils.data.Dataset):
                 kind = next((p.kind for p in a.problems if p.kind in DEGENERATE_KINDS), "degenerate")
                 self._count(where, kind)
                 continue
+            if not train:
+                gt_anns.append(self._gt_annotation(data["annotations"][a.index], a, sizes[a.image_id]))
             if a.iscrowd:
                 has_crowd.add(a.image_id)
                 continue
@@ -508,6 +641,10 @@ class CocoDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.ann_file}: no usable images (skipped: {dict(self.skipped) or 'none'}); "
                             f"run `comask data check --ann {self.ann_file} --images {self.image_dir}`")
         self.image_ids: list[int] = [r["id"] for r in records]
+        # evaluation scores against the checked annotations, never the raw file: pycocotools rasterizes
+        # whatever it is given (a NaN or 1e9 coordinate costs gigabytes, a bad RLE string overflows)
+        self._gt = None if train else {"images": [dict(im) for im in scan.images], "annotations": gt_anns,
+                                       "categories": [dict(c) for c in scan.categories]}
         self._sizes = np.array([(r["height"], r["width"]) for r in records], dtype=np.int64).reshape(-1, 2)
         self._records = _PickledList(records)
         # Per-record code of a file found bad while loading (0 = fine; k = _LAZY_KINDS[k - 1]). Shared
@@ -516,6 +653,45 @@ class CocoDataset(torch.utils.data.Dataset):
         self._lazy_bad = torch.zeros(len(records), dtype=torch.uint8).share_memory_()
         if self.skipped:
             log.warning("%s: skipped %s", self.ann_file, dict(self.skipped))
+
+    @staticmethod
+    def _gt_annotation(raw: dict, a: AnnInfo, hw: tuple[int, int]) -> dict:
+        """A ground-truth entry for COCOeval: the file's annotation with its checked ids and segmentation
+        (far-out polygons clipped) and, when the file's `area` is unusable, the mask's area."""
+        gt = {**raw, "id": a.ann_id, "image_id": a.image_id, "category_id": a.category_id,
+              "iscrowd": int(a.iscrowd), "segmentation": a.segm}
+        area = raw.get("area")
+        if not (_is_num(area) and math.isfinite(area) and area >= 0):
+            import pycocotools.mask as mask_utils
+
+            h, w = hw
+            if isinstance(a.segm, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(a.segm, h, w))
+            elif isinstance(a.segm["counts"], list):
+                rle = mask_utils.frPyObjects(a.segm, h, w)
+            else:
+                rle = {"size": [h, w], "counts": a.segm["counts"].encode("ascii")}
+            gt["area"] = float(mask_utils.area(rle))
+        x0, y0, x1, y1 = a.box
+        bbox = raw.get("bbox")
+        gt["bbox"] = bbox if isinstance(bbox, list) and len(bbox) == 4 else [x0, y0, x1 - x0, y1 - y0]
+        return gt
+
+    @property
+    def coco(self) -> Any:
+        """The checked ground truth as a pycocotools COCO object (evaluation data sets only, else None)."""
+        if self._gt is None:
+            return None
+        import contextlib
+        import io
+
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = self._gt
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
 
     # -- policy -----------------------------------------------------------------------------------
     def _count(self, where: str, reason: str) -> None:
@@ -561,22 +737,38 @@ class CocoDataset(torch.utils.data.Dataset):
         """0 for landscape/square (w >= h), 1 for portrait: the batch sampler's grouping key."""
         return [int(w < h) for h, w in self._sizes]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
-        for attempt in range(len(self)):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, dict]:
+        # Training: the next readable image stands in for a bad one (the batch keeps its size).
+        # Evaluation: never another image's id (it would be scored twice); a bad image comes back as
+        # (None, {"image_id", "orig_size", "skipped": kind}) and the evaluator leaves it out.
+        for attempt in range(len(self) if self.train else 1):
             j = (i + attempt) % len(self)
-            if self._lazy_bad[j]:
-                continue  # already found bad (here or in another worker): do not decode it again
-            try:
-                return self._load(j)
-            except ImageFileError as e:
+            if not self._lazy_bad[j]:  # a file already found bad (here or in a worker) is not decoded again
+                try:
+                    return self._load(j)
+                except ImageFileError as e:
+                    r = self._records[j]
+                    where = f"image {r['id']} ({r['file_name']})"
+                    if not self.skip_bad:
+                        self._bad(f"{where}: {e}", where, e.kind)
+                    kind = e.kind if e.kind in _LAZY_KINDS else "corrupt_image"
+                    self._lazy_bad[j] = _LAZY_KINDS.index(kind) + 1
+                    log.warning("skipping %s: %s", where, e)
+            if not self.train:
                 r = self._records[j]
-                where = f"image {r['id']} ({r['file_name']})"
-                if not self.skip_bad:
-                    self._bad(f"{where}: {e}", where, e.kind)
-                kind = e.kind if e.kind in _LAZY_KINDS else "corrupt_image"
-                self._lazy_bad[j] = _LAZY_KINDS.index(kind) + 1
-                log.warning("skipping %s: %s", where, e)
+                return None, {"image_id": int(r["id"]), "orig_size": (r["height"], r["width"]),
+                              "skipped": _LAZY_KINDS[int(self._lazy_bad[j]) - 1]}
         raise DataError(f"{self.ann_file}: no readable image left (skipped: {dict(self.skipped)})")
+
+    def sync_skipped(self, reduce_max: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Merge the images found bad while loading on every DDP rank into this rank's counts.
+
+        `reduce_max` is an in-place element-wise max over ranks (`comask.engine.dist.all_reduce_max`);
+        a max of per-image codes, not a sum of counts, so an image two ranks both drew counts once.
+        """
+        merged = self._lazy_bad.to(torch.int32)
+        reduce_max(merged)
+        self._lazy_bad.copy_(merged.to(torch.uint8))
 
     def _load(self, i: int) -> tuple[torch.Tensor, dict]:
         r = self._records[i]

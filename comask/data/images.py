@@ -59,6 +59,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageFileError(f"{path}: image file not found", "missing_file") from None
     except OSError as e:
         raise ImageFileError(f"{path}: cannot access image file ({e.strerror})", "unreadable_image") from None
+    except ValueError as e:  # a NUL byte or an unencodable character in the name
+        raise ImageFileError(f"{str(path)!r}: not a usable file name ({e})", "unreadable_image") from None
     if not os.path.isfile(path):
         raise ImageFileError(f"{path}: not a regular file", "unreadable_image")
     if st.st_size == 0:

@@ -43,6 +43,7 @@ def build_dataset(cfg: Any, split: str = "train", *, train: bool | None = None, 
         skip_bad=d.get("skip_bad", False),
         check_files=d.get("check_files", True),
         max_pixels=d.get("max_image_pixels", None) or MAX_PIXELS,
+        allow_outside_paths=bool(d.get("allow_outside_paths", False)),
     )
     args.update(kwargs)
     return CocoDataset(d[split]["ann"], d[split]["images"], **args)

@@ -22,12 +22,14 @@ have holes.  ``bbox`` ([x, y, w, h]) and ``area`` are of the visible mask; ``isc
 Category ids are NON-contiguous on purpose, ``id = 2 * k + 1`` for the class's index k in
 ``CLASSES`` (circle=1, ellipse=3, ..., crescent=19), so every consumer must map ids to contiguous
 labels and back; a preset that uses a subset of the classes keeps the same ids.
-Images are ``SPLIT/NNNNNN.png`` (RGB); image ids are 1..N in each split.  The shorter image side is
+Images are ``SPLIT/NNNNNN.png`` (RGB) with NNNNNN the image id: 1..N in train and val; a held-out
+``test`` split (presets with ``num_test``, drawn from its own ``test_seed``) numbers its images from
+``TEST_ID_BASE + 1``, so no test image id or file name is also a val or train one.  The shorter image side is
 ``size``; presets may also draw landscape/portrait images (aspect ratios 1.25 and 0.8), which keeps
 aspect-ratio grouping honest.
 
 Output is byte-identical for the same arguments: every image has its own random generator seeded
-from (seed, split, index), so the result does not depend on the number of worker processes.
+from (seed, split, index) (test_seed for the test split), so the result does not depend on the number of worker processes.
 """
 
 from __future__ import annotations
@@ -84,7 +86,10 @@ def category_id(name: str) -> int:
 #   scenes.  All 10 classes, 1-20 instances (about 10 visible per image; COCO has ~7).  2000
 #   training images are more than a 2-core budget of a few thousand image-iterations consumes;
 #   200 validation images hold ~2000 instances (1109 small, 723 medium, 138 large), enough for
-#   stable AP / APs / APm / APl, and evaluate in about a minute on the CPU.
+#   stable AP / APs / APm / APl, and evaluate in about a minute on the CPU.  Model choices (options,
+#   test size, thresholds, schedules) are made on val; the reported numbers are on the 500 held-out
+#   `test` images (issue 23), drawn by the same generator from their own seed (`test_seed`), which no
+#   choice has seen.
 # demo (`comask demo`, 15 minutes on 2 cores): same generator, clutter and occlusion on, but 128 px
 #   square images, 4 classes (circle, triangle, star, ring: round, angular, spiky and holed), 1-10
 #   instances and a higher minimum object area (0.02 * 128^2 = 328 px), so that a small CPU model can
@@ -93,8 +98,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shapes-bench": {
         "num_train": 2000,
         "num_val": 200,
+        "num_test": 500,
         "size": 160,
         "seed": 2024,
+        "test_seed": 4202,
         "classes": list(CLASSES),
         "instances": [1, 20],
         "area": [0.006, 0.2],
@@ -129,7 +136,10 @@ MIN_VISIBLE_FRAC = 0.15  # of the instance's unoccluded, in-image area
 SMALL_MAX = 32**2  # COCO area ranges
 LARGE_MIN = 96**2
 _MARKER = ".synth-complete.json"
-_SPLITS = {"train": 0, "val": 1}
+_SPLITS = {"train": 0, "val": 1, "test": 2}
+# the test split's image ids (and file names) start above this, so they never coincide with val's or train's
+TEST_ID_BASE = 100000
+_ID_BASE = {"train": 0, "val": 0, "test": TEST_ID_BASE}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +443,7 @@ def _make_one(job: tuple) -> tuple[dict, list[dict]]:
     """Render, write the PNG, return the image record and its annotations (ids filled in later)."""
     gen, size, seed, split, index, out_dir = job
     img, insts = render_image(gen, size, seed, split, index)
-    image_id = index + 1
+    image_id = _ID_BASE[split] + index + 1
     fname = f"{image_id:06d}.png"
     # compress_level 1: PNGs of noisy images barely shrink at higher levels, and writing is the
     # slowest step of generation.
@@ -459,7 +469,7 @@ def _make_one(job: tuple) -> tuple[dict, list[dict]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve(num_train, num_val, size, seed, preset) -> dict[str, Any]:
+def _resolve(num_train, num_val, size, seed, preset, num_test=None, test_seed=None) -> dict[str, Any]:
     if preset is not None and preset not in PRESETS:
         raise DataError(f"synthetic preset '{preset}' is unknown: use one of {', '.join(PRESETS)}")
     base = dict(PRESETS[preset]) if preset is not None else {**_DEFAULT_GEN}
@@ -470,6 +480,14 @@ def _resolve(num_train, num_val, size, seed, preset) -> dict[str, Any]:
         elif k not in base:
             flag = "--" + k.replace("_", "-")
             raise DataError(f"comask data synth: {flag} is required when no --preset is given")
+    base["num_test"] = int(num_test) if num_test is not None else int(base.get("num_test", 0))
+    base["test_seed"] = int(test_seed) if test_seed is not None else base.get("test_seed")
+    if base["num_test"] < 0:
+        raise DataError("comask data synth: --num-test must be >= 0")
+    if base["num_test"] and base["test_seed"] is None:
+        raise DataError("comask data synth: --num-test needs --test-seed (the test split's own seed)")
+    if base["num_test"] and base["test_seed"] == base["seed"]:
+        raise DataError(f"comask data synth: --test-seed must differ from --seed ({base['seed']})")
     if base["num_train"] < 0 or base["num_val"] < 0:
         raise DataError("comask data synth: --num-train and --num-val must be >= 0")
     if base["size"] < 32:
@@ -505,26 +523,30 @@ def write_dataset(
     *,
     workers: int | None = None,
     verbose: bool = True,
+    num_test: int | None = None,
+    test_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Write ``out/{train,val}/*.png`` and ``out/annotations/{train,val}.json``.
+    """Write ``out/{train,val}/*.png`` and ``out/annotations/{train,val}.json`` (and ``test`` when the
+    preset or `num_test` asks for test images: drawn from `test_seed`).
 
     Arguments given explicitly override the preset's.  Returns a summary: the resolved parameters,
     per split the numbers of images, instances, per-class and per-area-range counts, and the time
     taken; the counts are also printed when `verbose`.  `workers` (default: the usable CPUs) only
     changes the speed, never the bytes written.
     """
-    p = _resolve(num_train, num_val, size, seed, preset)
+    p = _resolve(num_train, num_val, size, seed, preset, num_test, test_seed)
     gen = {k: p[k] for k in _GEN_KEYS}
     out = Path(out)
     categories = [{"id": category_id(n), "name": n, "supercategory": "shape"} for n in p["classes"]]
     n_workers = workers if workers is not None else _default_workers()
-    total = p["num_train"] + p["num_val"]
+    total = p["num_train"] + p["num_val"] + p["num_test"]
     t0 = time.perf_counter()
     summary: dict[str, Any] = {
         "out": str(out),
         "preset": preset,
         "size": p["size"],
         "seed": p["seed"],
+        "test_seed": p["test_seed"] if p["num_test"] else None,
         "classes": list(p["classes"]),
         "category_ids": [c["id"] for c in categories],
         "splits": {},
@@ -537,10 +559,13 @@ def write_dataset(
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         pool = mp.get_context(method).Pool(n_workers)
     try:
-        for split, count in (("train", p["num_train"]), ("val", p["num_val"])):
+        splits = [("train", p["num_train"], p["seed"]), ("val", p["num_val"], p["seed"])]
+        if p["num_test"]:
+            splits.append(("test", p["num_test"], p["test_seed"]))
+        for split, count, split_seed in splits:
             img_dir = out / split
             img_dir.mkdir(parents=True, exist_ok=True)
-            jobs = [(gen, p["size"], p["seed"], split, i, str(img_dir)) for i in range(count)]
+            jobs = [(gen, p["size"], split_seed, split, i, str(img_dir)) for i in range(count)]
             results = pool.imap(_make_one, jobs, chunksize=16) if pool else map(_make_one, jobs)
             images, anns = [], []
             for rec, image_anns in results:
@@ -553,7 +578,7 @@ def write_dataset(
                     "version": GENERATOR_VERSION,
                     "preset": preset,
                     "size": p["size"],
-                    "seed": p["seed"],
+                    "seed": split_seed,
                     "split": split,
                 },
                 "licenses": [],
@@ -587,7 +612,8 @@ def write_dataset(
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"synthetic shapes -> {s['out']} (preset {s['preset']}, size {s['size']}, seed {s['seed']}, "
-        f"{len(s['classes'])} classes)"
+        + (f"test seed {s['test_seed']}, " if s.get("test_seed") is not None else "")
+        + f"{len(s['classes'])} classes)"
     ]
     for split, c in s["splits"].items():
         a = c["areas"]
@@ -615,7 +641,7 @@ def ensure_synth(preset: str, root: str | Path) -> Path:
     if _marker_ok(root, want):
         return root
     if root.exists():
-        ours = {"train", "val", "annotations", _MARKER}
+        ours = {"train", "val", "test", "annotations", _MARKER}
         extra = sorted(p.name for p in root.iterdir() if p.name not in ours)
         if extra:
             raise DataError(

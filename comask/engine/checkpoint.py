@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, safe loads, clear mismatch reports.
+"""Checkpoint files: atomic writes, safe loads (`comask.checkpoint_io.load_checkpoint`, re-exported here), clear
+mismatch reports.
 
 A checkpoint is a plain dict (see docs/DESIGN.md) holding only tensors and plain Python values,
 so it loads with `torch.load(weights_only=True)`: a file that would need to run code to unpickle
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
-import tempfile
-import warnings
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comask.checkpoint_io import load_checkpoint  # noqa: F401 - the reader lives below modeling; engine callers use it here
 from comask.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -34,35 +34,36 @@ class CheckpointWriteError(CheckpointError, OSError):
     """Writing a checkpoint failed (e.g. disk full); an OSError too, for callers that handle I/O errors."""
 
 
-ASSET_PREFIX = "asset:"
-
-
-def resolve_asset(path: str | Path) -> Path:
-    """`asset:NAME` -> the file NAME shipped in the installed package's comask/assets/ (so a config can
-    name it whatever the working directory); any other path is returned unchanged."""
-    text = str(path)
-    if not text.startswith(ASSET_PREFIX):
-        return Path(text)
-    from importlib import resources
-
-    return Path(str(resources.files("comask").joinpath("assets", text[len(ASSET_PREFIX):]))).resolve()
-
-
 def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pth"
+
+
+def create_temp_file(directory: str | Path, prefix: str, suffix: str = "") -> tuple[int, Path]:
+    """A new, uniquely named file in `directory`, opened for writing -> (fd, path).
+
+    Unlike `tempfile.mkstemp` (always 0600), the file gets the mode any new file gets there (0644 under
+    the usual umask; default ACLs too): the kernel applies the process umask at creation, so the umask
+    is never read or changed (`os.umask` is process-wide and would race with other threads' files).
+    O_EXCL | O_NOFOLLOW: never opens an existing file or a planted symlink.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        p = Path(directory) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(p, flags, 0o666), p
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no unused temporary file name found (prefix {prefix!r})")
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     """Write `obj` with torch.save atomically: temp file in the same dir + fsync + os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=path.parent)
+    # the usual new-file mode, not mkstemp's 0600: a shared run folder or an exported file stays readable
+    fd, tmp = create_temp_file(path.parent, TMP_PREFIX, ".pth")
     try:
-        # mkstemp makes the file owner-only (0600); a checkpoint gets the mode any new file gets (0644 under the
-        # usual umask), so a shared run folder or an exported file stays readable to others
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(obj), f)
             f.flush()
@@ -145,51 +146,6 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; CheckpointError if missing, corrupt or unsafe.
-    `asset:NAME` names a file shipped in the package (`resolve_asset`).
-
-    A bare state_dict (a mapping of tensors, e.g. a torchvision weights file) is returned as
-    `{"model": state_dict}`, and one under 'state_dict' is also given as 'model', so callers can always read
-    `ckpt["model"]`.
-    """
-    path = resolve_asset(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found; check the path (--weights / --out)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file (an interrupted copy?); use another checkpoint")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols it may not support; the except clauses below
-            # turn any such failure into one clear message.
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "weights only load failed" in msg.lower():
-            raise CheckpointError(f"{path}: refused to load: {_unsafe_detail(msg)}") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)}); use another file") from None
-    except Exception as e:  # noqa: BLE001 - any failure of the safe unpickler means "not a checkpoint"
-        raise CheckpointError(
-            f"{path}: not a valid PyTorch checkpoint (corrupt, truncated or another format: "
-            f"{type(e).__name__}: {_first_line(e)}); use another file"
-        ) from None
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
-    obj = dict(obj)
-    if "model" not in obj and isinstance(obj.get("state_dict"), Mapping):
-        obj["model"] = obj["state_dict"]  # the layout of mmdetection / Lightning checkpoints
-    if "model" not in obj:
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return {"model": obj}
-        raise CheckpointError(
-            f"{path}: no 'model' entry (keys: {', '.join(map(str, list(obj)[:8]))}); not a comask checkpoint"
-        )
-    if not isinstance(obj["model"], Mapping):
-        raise CheckpointError(f"{path}: 'model' is not a state_dict")
-    return obj
-
-
 def checkpoint_config(ckpt: Mapping[str, Any], source: str | Path, config: str | Path | None = None,
                       opts: list[str] | None = None):
     """The config to build a checkpoint's model with: `config` (+ `opts`) when given, else the resolved config
@@ -201,27 +157,6 @@ def checkpoint_config(ckpt: Mapping[str, Any], source: str | Path, config: str |
     if isinstance(ckpt.get("config"), dict):
         return config_from_dict(ckpt["config"], opts)
     raise CheckpointError(f"{source}: checkpoint stores no config (a bare state_dict?); pass --config")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _unsafe_detail(msg: str) -> str:
-    # torch's message names the offending global, e.g. "unsupported GLOBAL posix.system".
-    m = re.search(r"GLOBAL\s+([\w.]+)", msg)
-    if m:
-        return (
-            f"the file references the Python callable '{m.group(1)}', which would run code when unpickled. "
-            "Checkpoints must hold only tensors and plain values; only load files from sources you trust"
-        )
-    m = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
-    detail = m.group(1).strip() if m else "unsupported pickle content"
-    return (
-        f"it is not a plain-tensor checkpoint that can be read safely with weights_only=True ({detail}); "
-        "re-save it with torch.save(state_dict) from a trusted environment"
-    )
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:

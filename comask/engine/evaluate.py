@@ -24,8 +24,11 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from comask.engine import dist
+from comask.engine.predict import load_model, resize_problem
 from comask.engine.results import MASK_THRESHOLD, output_to_rows
-from comask.errors import DataError
+from comask.engine.runtime import check_output_dir, resolve_device
+from comask.errors import DataError, UserError
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 _STAT_LABELS = [
@@ -254,32 +257,44 @@ def _shard_indices(n: int, rank: int, world: int) -> list[int]:
 
 
 @torch.no_grad()
+def _detect(model: torch.nn.Module, images: list[torch.Tensor], mask_thr: float) -> list[dict]:
+    """The model's outputs; a model with comask's `predict` pastes bool masks (a quarter of the memory of
+    probabilities, the same pixels as thresholding them at `mask_thr`)."""
+    predict = getattr(model, "predict", None)
+    with torch.inference_mode():
+        return predict(images, mask_thr=mask_thr) if callable(predict) else model(images)
+
+
 def run_inference(model: torch.nn.Module, dataset: Any, *, device: torch.device | str, batch_size: int = 2,
                   indices: Sequence[int] | None = None, num_workers: int = 0,
-                  progress: bool = True, mask_thr: float = MASK_THRESHOLD) -> tuple[list[dict], list[int]]:
+                  progress: bool = True, mask_thr: float = MASK_THRESHOLD,
+                  cat_ids: Sequence[int] | None = None) -> tuple[list[dict], list[int]]:
     """Run `model` over `dataset` (or the given indices) -> (COCO results rows, image ids seen).
 
-    Rows use `dataset.cat_ids` and the original image size (`target["orig_size"]` when present).
+    Label i+1 becomes COCO category `cat_ids[i]` (the model's own ids; default `dataset.cat_ids`).
+    Rows use the original image size (`target["orig_size"]` when present). Images the data set
+    returns as None (found unreadable with data.skip_bad) are neither run nor listed as seen.
     Only RLEs are kept per image, so memory does not grow with the masks' pixels.
     """
     device = torch.device(device)
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=_collate)
-    cat_ids = list(dataset.cat_ids)
+    cat_ids = list(dataset.cat_ids if cat_ids is None else cat_ids)
     model.eval()
     rows: list[dict] = []
     img_ids: list[int] = []
     total = len(subset)
     t0, done = time.perf_counter(), 0
-    from comask.engine.predict import resize_problem
-
     for images, targets in loader:
-        for im, tgt in zip(images, targets):
+        # an image the data set found unreadable (data.skip_bad) comes as None: counted there, not scored
+        kept = [(im, tgt) for im, tgt in zip(images, targets) if im is not None]
+        images, targets = [k[0] for k in kept], [k[1] for k in kept]
+        for im, tgt in kept:
             why = resize_problem(model, int(im.shape[-2]), int(im.shape[-1]))
             if why:  # a one-line error instead of torch's interpolate crash deep in the model
                 raise DataError(f"image {tgt['image_id']}: {why}; or remove it from the evaluation set")
-        outputs = model([im.to(device) for im in images])
+        outputs = _detect(model, [im.to(device) for im in images], mask_thr) if images else []
         for im, tgt, out in zip(images, targets, outputs):
             image_id = int(tgt["image_id"])
             size = tuple(int(s) for s in im.shape[-2:])
@@ -290,9 +305,34 @@ def run_inference(model: torch.nn.Module, dataset: Any, *, device: torch.device 
         if progress and sys.stderr.isatty():
             rate = done / max(time.perf_counter() - t0, 1e-9)
             print(f"\reval {done}/{total} images ({rate:.2f} img/s)", end="", file=sys.stderr, flush=True)
-    if progress and sys.stderr.isatty():
-        print(file=sys.stderr)
+    if progress:
+        dt = time.perf_counter() - t0
+        end = "\r" if sys.stderr.isatty() else ""
+        print(f"{end}eval {done} images in {dt:.1f}s: {done / max(dt, 1e-9):.2f} img/s at batch size {batch_size}",
+              file=sys.stderr, flush=True)
     return rows, img_ids
+
+
+def check_categories(model_cats: Sequence[tuple[int, str]], dataset: Any, source: str = "validation set") -> None:
+    """Refuse a data set whose categories (id -> name) are not the model's, naming the first mismatch.
+
+    The evaluator writes the model's own category ids (label i+1 -> id i), so a data set that lists the
+    same categories in another order scores right; a different numbering or naming would score wrong.
+    """
+    model_map = {int(c): str(n) for c, n in model_cats}
+    data_map = {int(c): str(n) for c, n in zip(dataset.cat_ids, dataset.class_names)}
+    fix = "evaluate on a set with the training set's category ids and names (data.val)"
+    for cid, name in model_map.items():
+        if cid not in data_map:
+            raise DataError(f"{source}: the model's category id {cid} ({name!r}) is not in its categories "
+                            f"(it has {_few(data_map, 10)}); {fix}")
+        if data_map[cid] != name:
+            raise DataError(f"{source}: category id {cid} is {data_map[cid]!r} there but {name!r} for the model; "
+                            f"{fix}")
+    extra = sorted(set(data_map) - set(model_map))
+    if extra:
+        raise DataError(f"{source}: category id {extra[0]} ({data_map[extra[0]]!r}) is unknown to the model "
+                        f"(it has {_few(model_map, 10)}); {fix}")
 
 
 def score_rows(coco_gt: COCO, rows: list[dict], img_ids: Sequence[int],
@@ -315,36 +355,42 @@ def score_rows(coco_gt: COCO, rows: list[dict], img_ids: Sequence[int],
 
 def evaluate_model(model: torch.nn.Module, dataset: Any, *, device: torch.device | str = "cpu",
                    batch_size: int = 2, distributed: bool = False, out_dir: str | Path | None = None,
-                   num_workers: int = 0, verbose: bool = True, mask_thr: float = MASK_THRESHOLD) -> dict:
+                   num_workers: int = 0, verbose: bool = True, mask_thr: float = MASK_THRESHOLD,
+                   cat_ids: Sequence[int] | None = None) -> dict:
     """Evaluate a detection model on a COCO data set; every rank returns the same metrics dict.
 
     Mask probabilities above `mask_thr` (the config's `model.test.mask_thresh`) are the scored masks.
+    `cat_ids`: the model's COCO category ids (label i+1 -> `cat_ids[i]`; default `dataset.cat_ids`;
+    check them first with `check_categories`). Images the data set skipped are counted in
+    `metrics["skipped_data"]` (merged over ranks) and not scored.
 
     With `distributed`, each rank runs a strided shard and rank 0 gathers the rows and scores them.
     Rank 0 writes `metrics.json` and `results.json` (bbox + segm rows) into `out_dir` when given.
     """
     rank, world = 0, 1
     if distributed:
-        from comask.engine import dist
-
         rank, world = dist.get_rank(), dist.get_world_size()
     indices = _shard_indices(len(dataset), rank, world) if world > 1 else None
     was_training = model.training
     rows, img_ids = run_inference(model, dataset, device=device, batch_size=batch_size, indices=indices,
-                                  num_workers=num_workers, progress=verbose and rank == 0, mask_thr=mask_thr)
+                                  num_workers=num_workers, progress=verbose and rank == 0, mask_thr=mask_thr,
+                                  cat_ids=cat_ids)
     model.train(was_training)
     if world > 1:
-        from comask.engine import dist
-
         gathered = dist.all_gather_object((rows, img_ids))
         rows = [r for part in gathered for r in part[0]]
         img_ids = [i for part in gathered for i in part[1]]
+        if hasattr(dataset, "sync_skipped"):
+            dataset.sync_skipped(dist.all_reduce_max)  # images another rank found bad count here too
     metrics: dict = {}
     if rank == 0:
         img_ids = sorted(set(img_ids))
         coco_gt = _gt_coco(dataset)
         names = dict(zip(dataset.cat_ids, dataset.class_names)) if hasattr(dataset, "class_names") else None
         metrics = score_rows(coco_gt, rows, img_ids, names)
+        skipped = dict(getattr(dataset, "skipped", None) or {})
+        if skipped:
+            metrics["skipped_data"] = skipped
         if out_dir is not None:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -354,8 +400,6 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, *, device: torch.device
         if verbose:
             print(format_summary(metrics))
     if world > 1:
-        from comask.engine import dist
-
         metrics = dist.broadcast_object(metrics, src=0)
     return metrics
 
@@ -368,29 +412,26 @@ def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
 
 
 def evaluate_checkpoint(weights: str | Path, config: str | Path | None = None, opts: list[str] | None = None,
-                        out_dir: str | Path | None = None, device: str = "auto") -> dict:
+                        out_dir: str | Path | None = None, device: str = "auto", batch_size: int = 2) -> dict:
     """`comask eval`: the checkpoint's model on its config's validation set (cfg.data.val).
 
     Under torchrun (torch.distributed initialised) each rank evaluates a shard and rank 0 scores.
     `out_dir` defaults to `eval_<checkpoint stem>/` next to the checkpoint.
     """
-    from comask.engine import dist
-    from comask.engine.predict import resolve_device
-
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     info = dist.init_distributed(str(device))
     try:
         dev = resolve_device(device, local_rank=info.local_rank if info.world_size > 1 else None)
-        return _evaluate_checkpoint(weights, config, opts, out_dir, dev, info.world_size > 1)
+        return _evaluate_checkpoint(weights, config, opts, out_dir, dev, info.world_size > 1, batch_size)
     finally:
         dist.cleanup(info)
 
 
 def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: list[str] | None,
-                         out_dir: str | Path | None, dev: torch.device, distributed: bool) -> dict:
+                         out_dir: str | Path | None, dev: torch.device, distributed: bool,
+                         batch_size: int = 2) -> dict:
     from comask.data.coco import CocoDataset
-    from comask.engine import dist
-    from comask.engine.predict import load_model
-    from comask.engine.train import check_output_dir
 
     if out_dir is None:
         out_dir = Path(weights).resolve().parent / f"eval_{Path(weights).stem}"
@@ -405,19 +446,22 @@ def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: l
             ensure_synth(cfg.data.synth.preset, cfg.data.synth.root)
         dist.barrier()
     dataset = CocoDataset(cfg.data.val.ann, cfg.data.val.images, train=False,
-                          skip_bad=bool(cfg.data.get("skip_bad", False)))
+                          skip_bad=bool(cfg.data.get("skip_bad", False)),
+                          allow_outside_paths=bool(cfg.data.get("allow_outside_paths", False)))
     if len(lm.cat_ids) != len(dataset.cat_ids) or (lm.from_meta and list(lm.cat_ids) != list(dataset.cat_ids)):
         raise DataError(
             f"{cfg.data.val.ann}: category ids {_few(dataset.cat_ids, 10)} differ from the model's "
             f"{_few(lm.cat_ids, 10)}; evaluate on the data set the model was trained for (or pass its --config)"
         )
-    metrics = evaluate_model(lm.model, dataset, device=dev, batch_size=2, distributed=distributed,
+    metrics = evaluate_model(lm.model, dataset, device=dev, batch_size=batch_size, distributed=distributed,
                              out_dir=out_dir, num_workers=int(cfg.data.get("num_workers", 0) or 0),
-                             mask_thr=float(cfg.model.test.mask_thresh))
-    skipped = dict(dataset.skipped)
+                             mask_thr=float(cfg.model.test.mask_thresh),
+                             cat_ids=lm.cat_ids if lm.from_meta else None)
+    skipped = metrics.get("skipped_data")
     if skipped and dist.is_main_process():
-        # data.skip_bad: the scores cover only the images that could be used; say how many could not
-        metrics["skipped_data"] = skipped
-        _write_json(Path(out_dir) / "metrics.json", {k: v for k, v in metrics.items() if k != "files"}, indent=2)
-        print(f"comask eval: skipped bad validation data (data.skip_bad): {skipped}", file=sys.stderr)
+        # data.skip_bad: the scores cover only the images that could be used; say which could not
+        named = "; ".join(f"{where}: {why}" for where, why in dataset.skipped_items[:10])
+        more = len(dataset.skipped_items) - 10
+        print(f"comask eval: skipped bad validation data (data.skip_bad): {skipped} ({named}"
+              f"{f'; and {more} more' if more > 0 else ''})", file=sys.stderr)
     return metrics

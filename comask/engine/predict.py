@@ -2,8 +2,8 @@
 
 The model sits behind a *backend*: any callable taking a list of float (3, H, W) tensors in [0, 1] and
 returning torchvision-style outputs (`boxes`, `labels`, `scores`, `masks` (N, 1, H, W)) in the input
-images' pixels. `TorchBackend` wraps an `nn.Module`; an ONNX Runtime backend plugs in through
-`load_onnx_backend` with the same call signature.
+images' pixels. `TorchBackend` wraps an `nn.Module`; the ONNX Runtime backend (`comask.export.ort.OnnxBackend`)
+has the same call signature and is passed in by the caller (`Predictor(backend=...)`, `predict_paths(load_onnx=...)`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from comask.engine.results import MASK_THRESHOLD, binarize_masks, coco_rows, to_numpy
+from comask.engine.runtime import check_output_dir, resolve_device
 from comask.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -71,46 +72,32 @@ def _check_resizable(backend: Any, arrays: Sequence[np.ndarray]) -> None:
 
 
 class TorchBackend:
-    """A PyTorch detection model in eval mode on one device."""
+    """A PyTorch detection model in eval mode on one device.
+
+    With a model that has comask's `predict(images, score_thr=, max_det=, mask_thr=)` (both of comask's
+    detectors), detections are trimmed on the device before their masks are pasted, as bool masks: memory
+    per image grows with the detections kept, not with the RoI heads' 100 (issue 24: 100 float masks of a
+    36-megapixel image are 14 GB). Any other torchvision-style model runs through its forward.
+    """
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
 
+    @property
+    def trims(self) -> bool:
+        """Whether `__call__` applies score_thr / max_det / mask_thr itself (before pasting)."""
+        return callable(getattr(self.model, "predict", None))
+
     @torch.inference_mode()
-    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
-        outs = self.model([im.to(self.device) for im in images])
+    def __call__(self, images: list[torch.Tensor], *, score_thr: float = 0.0, max_det: int | None = None,
+                 mask_thr: float | None = None) -> list[dict]:
+        images = [im.to(self.device) for im in images]
+        if self.trims:
+            outs = self.model.predict(images, score_thr=score_thr, max_det=max_det, mask_thr=mask_thr)
+        else:
+            outs = self.model(images)
         return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in o.items()} for o in outs]
-
-
-def load_onnx_backend(path: str | Path, device: str = "cpu") -> Backend:
-    """Seam for the ONNX Runtime backend (issue 6): must return a `Backend` for an exported model."""
-    try:
-        from comask.export.ort import OnnxBackend
-    except ImportError:
-        raise UserError(f"{path}: ONNX backend not available in this version; use --weights with a .pth checkpoint") from None
-    return OnnxBackend(path, device=device)
-
-
-def resolve_device(device: str | torch.device | None, *, local_rank: int | None = None,
-                   setting: str = "--device") -> torch.device:
-    """auto (CUDA when available), cpu, cuda or cuda:N -> a torch.device; the one device rule of the
-    package. Under DDP (`local_rank` given) every CUDA rank uses its own GPU, whatever index was
-    asked. Errors are UserErrors naming `setting` (the flag or config key the value came from)."""
-    if device is None or str(device).lower() == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(str(device).lower() if isinstance(device, str) else device)
-    except RuntimeError:
-        raise UserError(f"{setting}: unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"{setting}: device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{setting}={device} but CUDA is not available here; use cpu (or auto)")
-        if local_rank is not None:
-            return torch.device("cuda", local_rank)
-    return dev
 
 
 @dataclass
@@ -169,7 +156,7 @@ class Predictor:
     """`Predictor(weights)(image) -> Instances` (a dict of numpy arrays; see docs/DESIGN.md)."""
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu",
-                 score_thr: float = 0.5, config: str | Path | None = None, *, onnx: str | Path | None = None,
+                 score_thr: float = 0.5, config: str | Path | None = None, *,
                  backend: Backend | None = None, classes: Sequence[str] | None = None,
                  cat_ids: Sequence[int] | None = None, mask_thr: float | None = None):
         self.device = resolve_device(device)
@@ -180,12 +167,9 @@ class Predictor:
                 lm = load_model(weights, config, device=self.device)
                 self.cfg, classes, cat_ids = lm.cfg, lm.classes, lm.cat_ids
                 backend = TorchBackend(lm.model, self.device)
-            elif onnx is not None:
-                backend = load_onnx_backend(onnx, str(self.device))
-                classes = classes or list(getattr(backend, "classes", []))
-                cat_ids = cat_ids or list(getattr(backend, "cat_ids", []))
             else:
-                raise UserError("Predictor needs weights (a .pth checkpoint) or onnx (an exported model)")
+                raise UserError("Predictor needs weights (a .pth checkpoint) or a backend "
+                                "(comask.export.ort.onnx_predictor for an exported model)")
         if not classes:
             raise UserError("Predictor: class names unknown (give classes=...)")
         self.backend = backend
@@ -206,27 +190,42 @@ class Predictor:
         return cls(device=dev, score_thr=score_thr, backend=TorchBackend(model, dev), classes=classes,
                    cat_ids=cat_ids, mask_thr=mask_thr)
 
-    def __call__(self, image: ImageLike) -> dict[str, Any]:
-        return self.predict_batch([image])[0]
+    # the server passes each request's score_thr / max_det to the calls below
+    trims_before_paste = True
 
-    def predict_batch(self, images: Sequence[ImageLike]) -> list[dict[str, Any]]:
+    def __call__(self, image: ImageLike, *, score_thr: float | None = None,
+                 max_det: int | None = None) -> dict[str, Any]:
+        return self.predict_batch([image], score_thr=score_thr, max_det=max_det)[0]
+
+    def predict_batch(self, images: Sequence[ImageLike], *, score_thr: float | None = None,
+                      max_det: int | None = None) -> list[dict[str, Any]]:
+        """Instances of each image (one model call for all): those scoring >= score_thr (default: the
+        predictor's), at most `max_det` of them (best first)."""
         arrays = [to_rgb_array(im) for im in images]
-        return self._run(arrays)
+        return self._run(arrays, score_thr=score_thr, max_det=max_det)
 
-    def _run(self, arrays: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    def _run(self, arrays: Sequence[np.ndarray], *, score_thr: float | None = None,
+             max_det: int | None = None) -> list[dict[str, Any]]:
         if not arrays:
             return []
+        thr = self.score_thr if score_thr is None else float(score_thr)
         _check_resizable(self.backend, arrays)
         # PIL-backed arrays are read-only; torch wants writable memory even though it only reads here
         tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1).float().div_(255.0)
                    for a in arrays]
-        outputs = self.backend(tensors)
-        return [self._instances(o, a.shape[:2]) for o, a in zip(outputs, arrays)]
+        if getattr(self.backend, "trims", False):
+            outputs = self.backend(tensors, score_thr=thr, max_det=max_det, mask_thr=self.mask_thr)
+        else:
+            outputs = self.backend(tensors)
+        del tensors
+        return [self._instances(o, a.shape[:2], thr, max_det) for o, a in zip(outputs, arrays)]
 
-    def _instances(self, out: dict, hw: tuple[int, int]) -> dict[str, Any]:
+    def _instances(self, out: dict, hw: tuple[int, int], score_thr: float, max_det: int | None) -> dict[str, Any]:
         scores = np.asarray(out["scores"].detach().cpu() if isinstance(out["scores"], torch.Tensor) else out["scores"],
                             dtype=np.float32).reshape(-1)
-        keep = np.nonzero(scores >= self.score_thr)[0]
+        keep = np.nonzero(scores >= score_thr)[0]
+        if max_det is not None:
+            keep = keep[np.argsort(-scores[keep], kind="stable")][:max_det]
         boxes = to_numpy(out["boxes"]).astype(np.float32).reshape(-1, 4)[keep]
         labels = to_numpy(out["labels"]).astype(np.int64).reshape(-1)[keep]
         if len(labels) and (labels.min() < 1 or labels.max() > len(self.classes)):
@@ -234,7 +233,8 @@ class Predictor:
                             "the checkpoint's meta does not match its model")
         if "masks" in out and len(keep):
             m = out["masks"]
-            m = m[torch.from_numpy(keep)] if isinstance(m, torch.Tensor) else np.asarray(m)[keep]
+            if not np.array_equal(keep, np.arange(len(m))):  # a full-image copy per mask only when trimming here
+                m = m[torch.from_numpy(keep)] if isinstance(m, torch.Tensor) else np.asarray(m)[keep]
             masks = binarize_masks(m, hw, self.mask_thr)
         else:
             masks = np.zeros((len(keep), *hw), dtype=bool)
@@ -369,9 +369,9 @@ def _run_isolated(predictor: Predictor, batch: list[tuple[Path, np.ndarray]],
 def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | Path | None = None,
                   config: str | Path | None = None, onnx: str | Path | None = None, score_thr: float = 0.5,
                   device: str = "auto", batch_size: int = 2, *, predictor: Predictor | None = None,
-                  draw: bool = True) -> int:
-    """`comask predict`: overlays OUT/<name>.png and OUT/predictions.json; 0 if every input was used, else 1."""
-    from comask.engine.train import check_output_dir
+                  draw: bool = True, load_onnx: Callable[..., Predictor] | None = None) -> int:
+    """`comask predict`: overlays OUT/<name>.png and OUT/predictions.json; 0 if every input was used, else 1.
+    `onnx` is read by `load_onnx(onnx, device=, score_thr=)` (the CLI passes `comask.export.ort.onnx_predictor`)."""
     from comask.engine.visualize import draw_instances
 
     # before loading the model: an unusable --out should cost nothing (no free-space floor here)
@@ -381,7 +381,12 @@ def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | 
             raise UserError("give --weights CKPT (a .pth checkpoint) or --onnx MODEL")
         if weights is not None and onnx is not None:
             raise UserError("give either --weights or --onnx, not both")
-        predictor = Predictor(weights, device=device, score_thr=score_thr, config=config, onnx=onnx)
+        if onnx is not None:
+            if load_onnx is None:
+                raise UserError(f"{onnx}: no ONNX backend given; use --weights with a .pth checkpoint")
+            predictor = load_onnx(onnx, device=device, score_thr=score_thr)
+        else:
+            predictor = Predictor(weights, device=device, score_thr=score_thr, config=config)
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     files, problems, ignored = collect_inputs(inputs)
@@ -424,7 +429,8 @@ def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | 
         raise
     writer.close()
     dt = time.perf_counter() - t0
-    msg = f"predicted {done} image(s), {n_inst} instance(s) in {dt:.1f}s -> {out_dir}/ (predictions.json"
+    msg = (f"predicted {done} image(s), {n_inst} instance(s) in {dt:.1f}s ({done / max(dt, 1e-9):.2f} img/s at "
+           f"batch size {batch_size}) -> {out_dir}/ (predictions.json")
     msg += ", overlays)" if draw else ")"
     if bad:
         msg += f"; skipped {bad} bad input(s)"

@@ -46,11 +46,12 @@ def binarize_masks(masks: Any, size: tuple[int, int] | None = None, thr: float =
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
     """(N, H, W) bool -> COCO RLEs with `counts` as str (JSON-serialisable)."""
-    if len(masks) == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for r in rles:
+    rles = []
+    # one mask at a time: the Fortran-order uint8 copy pycocotools needs is one image's size, not N images'
+    for m in masks:
+        r = mask_util.encode(np.asfortranarray(m[:, :, None], dtype=np.uint8))[0]
         r["counts"] = r["counts"].decode("ascii")
+        rles.append(r)
     return rles
 
 

@@ -28,15 +28,10 @@ import hashlib
 import inspect
 import logging
 import math
-import os
-import random
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +50,7 @@ from comask.engine.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
+from comask.engine.evaluate import check_categories, evaluate_model
 from comask.engine.logging import TrainLogger, setup_console_logging
 from comask.engine.optim import (
     apply_schedule,
@@ -63,6 +59,17 @@ from comask.engine.optim import (
     scaled_lr,
     set_time_progress,
 )
+from comask.engine.runtime import (
+    OutputDirError,
+    autocast,
+    check_output_dir,
+    get_rng_state,
+    preserved_rng,
+    resolve_device,
+    seed_all,
+    set_rng_state,
+)
+from comask.engine.runtime import amp_dtype as runtime_amp_dtype
 from comask.errors import CheckpointError, UserError
 
 log = logging.getLogger("comask.train")
@@ -74,12 +81,8 @@ class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss and runtime.skip_nonfinite is off."""
 
 
-class OutputDirError(UserError):
-    """The run directory cannot be used (not writable, no free space, already holds a run)."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Output directory
+# Pretrained weights
 # ---------------------------------------------------------------------------------------------
 
 
@@ -87,92 +90,6 @@ def select_prefixes(state: dict, prefixes: tuple[str, ...]) -> dict:
     """`runtime.load_only`: the tensors whose names start with one of `prefixes` (e.g. [backbone.body.]: the same
     pretrained body under two detectors, nothing else shared)."""
     return {k: v for k, v in state.items() if k.startswith(prefixes)}
-
-
-def check_output_dir(out_dir: str | Path, min_free_mb: float) -> None:
-    """Create `out_dir` if needed and prove it is writable with `min_free_mb` free, or raise OutputDirError."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputDirError(
-            f"output directory {out}: cannot create it ({e.strerror or e}); choose a writable --out"
-        ) from None
-    if not out.is_dir():
-        raise OutputDirError(f"output directory {out}: exists and is not a directory; choose another --out")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as e:
-        raise OutputDirError(
-            f"output directory {out}: not writable ({e.strerror or e}); fix its permissions or choose another --out"
-        ) from None
-    free_mb = shutil.disk_usage(out).free / 2**20
-    if min_free_mb and free_mb < float(min_free_mb):
-        raise OutputDirError(
-            f"output directory {out}: only {free_mb:.0f} MB free, runtime.min_free_mb asks for "
-            f"{float(min_free_mb):.0f} MB (checkpoints and logs); free some space or choose another --out"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state: saved as tensors / lists so torch.load(weights_only=True) accepts it
-# ---------------------------------------------------------------------------------------------
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def get_rng_state() -> dict[str, Any]:
-    version, py_state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
-    py = state["python"]
-    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npst = state["numpy"]
-    np.random.set_state(
-        ("MT19937", npst["keys"].numpy().astype(np.uint32), int(npst["pos"]), int(npst["has_gauss"]),
-         float(npst["cached_gaussian"]))
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.cpu().to(torch.uint8) for s in cuda_states])
-
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Run a block (evaluation) without moving the training RNG streams, so evaluating or not
-    evaluating at some iteration never changes the training that follows."""
-    state = get_rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,19 +155,23 @@ def _to_device(images: list[torch.Tensor], targets: list[dict], device: torch.de
 
 
 # ---------------------------------------------------------------------------------------------
-# Device, AMP, signals
+# SyncBN, signals
 # ---------------------------------------------------------------------------------------------
 
 
-def _amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
-    if amp in (None, "", "none", False):
-        return None
-    if amp not in ("bf16", "fp16"):
-        raise ConfigError(f"runtime.amp must be null, bf16 or fp16, got {amp!r}")
+def _sync_batchnorm(model: nn.Module, device: torch.device, is_main: bool) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm under DDP, so the statistics span the global batch (SyncBN needs CUDA;
+    on the CPU each rank keeps its own). FrozenBN layers are not BatchNorm and stay as they are."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
     if device.type != "cuda":
-        log.warning("runtime.amp=%s is for CUDA only; training in float32 on %s", amp, device)
-        return None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+        if is_main:
+            log.info("norm syncbn: SyncBatchNorm needs CUDA; each rank keeps its own BatchNorm statistics on %s",
+                     device)
+        return model
+    if is_main:
+        log.info("norm syncbn: BatchNorm layers converted to SyncBatchNorm across ranks")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 class _StopFlag:
@@ -382,10 +303,8 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    from comask.engine.predict import resolve_device
-
     device = resolve_device(rt.device, local_rank=info.local_rank if world > 1 else None, setting="runtime.device")
-    amp_dtype = _amp_dtype(rt.amp, device)
+    amp_dtype = runtime_amp_dtype(rt.amp)
 
     # 3. Data (the synthetic set is generated once, by rank 0).
     from comask.data.loader import build_dataset
@@ -407,11 +326,14 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
     # 4. Model, optimizer, schedule. Every rank builds from the same seed; DDP then broadcasts rank 0's weights.
     seed_all(seed)
     if model_factory is None:
-        from comask.modeling.build import build_model
+        from comask.modeling.build import build_model, check_frozen_bn
 
+        check_frozen_bn(cfg)
         model_factory = build_model
     model = model_factory(cfg).to(device)
     model.train()
+    if world > 1 and cfg.model.backbone.get("norm") in ("syncbn", "auto"):
+        model = _sync_batchnorm(model, device, is_main)
     ckpt = None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, map_location="cpu")
@@ -440,7 +362,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
     max_seconds = float(rt.max_minutes) * 60.0 if rt.max_minutes else None
     optimizer = build_optimizer(model, sched)
     scheduler = build_scheduler(optimizer, sched)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_iter = 0
     # Wall time of earlier sessions of this run: a by-time schedule continues from it.
     prior_elapsed = float(ckpt.get("elapsed_seconds", 0.0)) if ckpt is not None else 0.0
@@ -480,6 +402,8 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
     want_eval = bool(rt.final_eval) or int(rt.eval_period or 0) > 0
     if want_eval and cfg.data.get("val"):
         val_ds = build_dataset(cfg, "val")
+        # before any training step: a val set numbered or named differently would score wrong
+        check_categories(list(zip(meta["cat_ids"], meta["classes"])), val_ds, str(cfg.data.val.ann))
 
     # 6. Logs and resolved config.
     if is_main:
@@ -502,7 +426,8 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
     result: dict[str, Any] = {
         "out_dir": str(out), "iter": start_iter, "max_iter": max_iter, "stop_reason": "completed",
         "checkpoint": str(resume_path) if resume_path else None, "final": None, "best": None,
-        "metrics": None, "nonfinite_skipped": 0, "skipped_data": {}, "elapsed_seconds": prior_elapsed,
+        "metrics": None, "nonfinite_skipped": 0, "amp_overflow_skipped": 0, "skipped_data": {},
+        "elapsed_seconds": prior_elapsed,
     }
     best_score = _read_best_score(out) if is_main else None
 
@@ -524,8 +449,6 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
         nonlocal best_score
         if val_ds is None:
             return None
-        from comask.engine.evaluate import evaluate_model
-
         if world > 1:
             dist.broadcast_buffers(model)
         with preserved_rng():
@@ -533,6 +456,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                 model, val_ds, device=device, distributed=world > 1,
                 out_dir=out if (final and is_main) else None, verbose=final and is_main,
                 batch_size=int(rt.eval_batch_size), mask_thr=float(cfg.model.test.mask_thresh),
+                cat_ids=meta["cat_ids"],
             )
         if is_main:
             logger.eval(it, {k: v for k, v in metrics.items() if k in ("bbox", "segm")})
@@ -561,9 +485,7 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             images, targets = next(data_iter)
             images, targets = _to_device(images, targets, device)
             t_data = time.perf_counter() - t0
-            autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
-                        else nullcontext())
-            with autocast:
+            with autocast(device, amp_dtype):
                 loss_dict = ddp_model(images, targets)
             loss = sum(loss_dict.values())
             optimizer.zero_grad(set_to_none=True)
@@ -602,14 +524,25 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                     log.warning("iteration %d: non-finite loss (%s), step skipped (%d so far)",
                                 it + 1, bad, result["nonfinite_skipped"])
             else:
+                grad_norm = None
                 if clip is not None:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 scaler.step(optimizer)
-                scaler.update()
+                if scaler.is_enabled():
+                    scale = scaler.get_scale()
+                    scaler.update()
+                    # fp16 gradients overflowed: GradScaler skipped the step and halved its scale
+                    if scaler.get_scale() < scale:
+                        result["amp_overflow_skipped"] += 1
+                        logger.event(it + 1, "amp_overflow_skip", scale=scale,
+                                     skipped=result["amp_overflow_skipped"])
                 for k, v in values.items():
                     window.setdefault(k, []).append(v)
                 window.setdefault("loss", []).append(float(loss.detach()))
+                if grad_norm is not None and math.isfinite(float(grad_norm)):
+                    # before clipping: how often and by how much the clip acts
+                    window.setdefault("grad_norm", []).append(float(grad_norm))
             lr = optimizer.param_groups[0]["lr"]
             if by_time:
                 set_time_progress(scheduler, spent / max_seconds)
@@ -655,6 +588,8 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
             if eval_period and it % eval_period == 0:
                 run_eval(it, final=False)
 
+        if world > 1 and hasattr(train_ds, "sync_skipped"):
+            train_ds.sync_skipped(dist.all_reduce_max)  # every rank's lazily found bad images, each once
         result["skipped_data"] = dict(getattr(train_ds, "skipped", {}) or {})
         if result["stop_reason"] in ("completed", "time_limit"):
             if world > 1:
@@ -669,11 +604,15 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                     if len(set(digests)) != 1:
                         log.warning("DDP ranks ended with different weights: %s", digests)
             if rt.final_eval:
+                if device.type == "cuda":
+                    # hand the training step's cached blocks back first: jobs sharing a GPU ran out of memory here
+                    torch.cuda.empty_cache()
                 result["metrics"] = run_eval(it, final=True)
             if is_main:
                 logger.event(it, "done", stop_reason=result["stop_reason"], seconds=clock() - t_start,
                              elapsed_seconds=result["elapsed_seconds"],
-                             nonfinite_skipped=result["nonfinite_skipped"], skipped_data=result["skipped_data"])
+                             nonfinite_skipped=result["nonfinite_skipped"],
+                             amp_overflow_skipped=result["amp_overflow_skipped"], skipped_data=result["skipped_data"])
     finally:
         stop.restore()
         logger.close()

@@ -13,7 +13,6 @@ Input size: fixed (`--size HxW`, default the config's test size) or dynamic heig
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -96,6 +95,7 @@ def export_onnx(weights: str | Path, out: str | Path, config: str | Path | None 
     dynamic and `size` is only the size traced at. verify: run ONNX Runtime once on the trace input and
     report the largest differences to PyTorch.
     """
+    from comask.engine.checkpoint import create_temp_file
     from comask.engine.predict import load_model
 
     hw = parse_size(size)
@@ -107,9 +107,9 @@ def export_onnx(weights: str | Path, out: str | Path, config: str | Path | None 
     module = InferenceModule(onnx_friendly(lm.model))
     example = example_image(trace_hw)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    # the mode any new file gets (not mkstemp's 0600), without touching the process-wide umask
+    fd, tmp = create_temp_file(out.parent, f".{out.name}.", ".tmp")
     os.close(fd)
-    tmp = Path(tmp_name)
     t0 = time.perf_counter()
     try:
         trace_to_onnx(module, example, tmp, dynamic)
@@ -121,10 +121,6 @@ def export_onnx(weights: str | Path, out: str | Path, config: str | Path | None 
                 f"{out}: ONNX Runtime found {check['onnx_detections']} detections where PyTorch found "
                 f"{check['detections']} on the trace image; the export is not faithful (please report it)"
             )
-        # mkstemp creates the file 0600; give the export the permissions of any other new file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from comask.engine.predict import Predictor
 from comask.engine.results import MASK_THRESHOLD
+from comask.engine.runtime import resolve_device
 from comask.errors import CheckpointError
 from comask.export.common import INPUT_NAME, OUTPUT_NAMES
 
@@ -97,3 +99,12 @@ class OnnxBackend:
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         # The graph takes one image; a batch is a loop (ORT would gain little from batching on the CPU).
         return [self._run_one(im) for im in images]
+
+
+def onnx_predictor(path: str | Path, device: str = "cpu", score_thr: float = 0.5) -> Predictor:
+    """A `Predictor` over an exported model, with the class names, category ids and mask threshold it was exported
+    with (`comask predict --onnx`)."""
+    dev = resolve_device(device)
+    backend = OnnxBackend(path, device=str(dev))
+    return Predictor(device=dev, score_thr=score_thr, backend=backend, classes=backend.classes,
+                     cat_ids=backend.cat_ids)

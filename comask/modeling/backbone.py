@@ -26,7 +26,9 @@ _RESNETS: dict[int, Callable[..., resnet.ResNet]] = {
     101: resnet.resnet101,
     152: resnet.resnet152,
 }
-NORMS = ("frozen_bn", "bn", "gn")
+# auto: frozen_bn over pretrained weights, syncbn from scratch; syncbn is BatchNorm2d that training converts to
+# SyncBatchNorm under DDP (one process: plain trainable BN)
+NORMS = ("auto", "frozen_bn", "bn", "syncbn", "gn")
 # names of the FPN inputs (C2..C5) and, in order, the pyramid levels the FPN returns (P2..P6)
 _RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 LEVEL_NAMES = ("p2", "p3", "p4", "p5", "p6")
@@ -51,11 +53,26 @@ def gn_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> i
 def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
-    if norm == "bn":
+    if norm in ("bn", "syncbn"):
         return nn.BatchNorm2d
     if norm == "gn":
         return lambda c: nn.GroupNorm(gn_groups(c), c)
     raise ValueError(f"model.backbone.norm must be one of {NORMS}, got {norm!r}")
+
+
+def resolve_norm(norm: str, frozen_stages: int | str, pretrained: bool) -> tuple[str, int]:
+    """`auto` values follow the weights: over pretrained weights FrozenBN with the stem + stage 1 frozen
+    (Detectron2's and torchvision's recipe); from scratch a trainable BN (SyncBN under DDP) and nothing frozen,
+    because a random body without normalisation blows its activations up (NaN within ~20 iterations at LR 0.02)."""
+    if norm not in NORMS:
+        raise ConfigError(f"model.backbone.norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm == "auto":
+        norm = "frozen_bn" if pretrained else "syncbn"
+    if frozen_stages == "auto":
+        frozen_stages = 1 if pretrained else 0
+    if not isinstance(frozen_stages, int):
+        raise ConfigError(f"model.backbone.frozen_stages must be auto or an integer 0..4, got {frozen_stages!r}")
+    return norm, frozen_stages
 
 
 def build_resnet(depth: int, norm: str = "frozen_bn") -> resnet.ResNet:
@@ -122,15 +139,16 @@ def _replace_bn(module: nn.Module) -> None:
             _replace_bn(child)
 
 
-def load_backbone_weights(net: resnet.ResNet, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load a torchvision ImageNet ResNet state_dict (`resnet50-*.pth` layout) into `net`.
+def load_backbone_weights(net: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load a torchvision ImageNet state_dict (ResNet `resnet50-*.pth` or MobileNetV3 layout) into the body `net`.
 
-    The classifier (`fc.*`) is ignored. Returns (missing, unexpected) key lists so callers can report
+    The classifier (`fc.*`, `classifier.*`) is ignored and MobileNet's `features.` prefix is dropped (the
+    body is the `features` Sequential). Returns (missing, unexpected) key lists so callers can report
     them; raises CheckpointError when the file cannot be used at all.
     """
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"model.backbone.weights: {p} does not exist; give a torchvision ResNet .pth file")
+        raise CheckpointError(f"model.backbone.weights: {p} does not exist; give a torchvision ImageNet .pth file")
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means the same thing to the user
@@ -139,18 +157,18 @@ def load_backbone_weights(net: resnet.ResNet, path: str | Path) -> tuple[list[st
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"model.backbone.weights: {p} is not a state_dict of tensors")
-    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    sd = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith(("fc.", "classifier."))}
     own = net.state_dict()
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:
         raise CheckpointError(
-            f"model.backbone.weights: {p} does not fit this ResNet (shape differs for {bad[0]}); "
-            "check model.backbone.depth"
+            f"model.backbone.weights: {p} does not fit this backbone (shape differs for {bad[0]}); "
+            "check model.backbone.name and model.backbone.depth"
         )
     if not any(k in own for k in sd):
-        raise CheckpointError(f"model.backbone.weights: no key of {p} matches a torchvision ResNet")
+        raise CheckpointError(f"model.backbone.weights: no key of {p} matches this backbone's body")
     result = net.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    missing = [k for k in result.missing_keys if not k.startswith(("fc.", "classifier."))]
     return missing, list(result.unexpected_keys)
 
 
@@ -192,10 +210,10 @@ def build_backbone_fpn(
         return build_resnet_fpn(depth, out_channels, norm, frozen_stages, weights)
     if name not in _MOBILENETS:
         raise ConfigError(f"model.backbone.name must be one of {', '.join(BACKBONES)}, got {name!r}")
-    if weights:
-        raise ConfigError(f"model.backbone.weights applies to ResNets only: set it to null for {name}")
     factory, return_layers, in_channels = _MOBILENETS[name]
     features = factory(weights=None, norm_layer=_norm_layer(norm)).features
+    if weights:
+        load_backbone_weights(features, weights)
     freeze_mobilenet_stages(features, [int(k) for k in return_layers], frozen_stages)
     return BackboneWithFPN(
         features, return_layers=return_layers, in_channels_list=in_channels, out_channels=out_channels,

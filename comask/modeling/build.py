@@ -3,21 +3,54 @@ except the RoI heads. The model keeps no reference to the config (its state_dict
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from comask.config import ConfigError
-from comask.modeling.backbone import LEVEL_NAMES, build_backbone_fpn
+from comask.modeling.backbone import LEVEL_NAMES, build_backbone_fpn, resolve_norm
 from comask.modeling.comask import CoMask
 from comask.modeling.maskrcnn import MaskRCNN, build_maskrcnn_roi_heads
 from comask.modeling.msfem import MFPN, PLACEMENTS, msfem_in_fpn
 from comask.modeling.pretrained import apply_pretrained
 from comask.modeling.roi_heads import build_comask_roi_heads
 
+log = logging.getLogger("comask.build")
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def backbone_norm(cfg) -> tuple[str, int]:
+    """(norm, frozen_stages) with `auto` resolved: pretrained means `model.backbone.weights` or
+    `model.init_from` is set (the config alone decides, so a checkpoint rebuilds the layout it trained with)."""
+    m = cfg.model
+    pretrained = bool(m.backbone.get("weights") or m.get("init_from"))
+    return resolve_norm(m.backbone.norm, m.backbone.frozen_stages, pretrained)
+
+
+def check_frozen_bn(cfg) -> None:
+    """Refuse FrozenBN over a body that nothing initialises: without normalisation a random ResNet's
+    activations grow layer by layer and training goes non-finite within a few dozen iterations.
+
+    The body counts as initialised by `model.backbone.weights`, `model.init_from`, or `runtime.load_from`
+    (unless `runtime.load_only` leaves the body out); `model.backbone.force_frozen_bn: true` overrides."""
+    m, rt = cfg.model, cfg.runtime
+    norm, _ = backbone_norm(cfg)
+    if norm != "frozen_bn" or m.backbone.get("force_frozen_bn"):
+        return
+    only = tuple(rt.get("load_only") or ())
+    body_loaded = bool(rt.get("load_from")) and (not only or any("backbone.body.".startswith(p) for p in only))
+    if m.backbone.get("weights") or m.get("init_from") or body_loaded:
+        return
+    raise ConfigError(
+        "model.backbone.norm=frozen_bn over a randomly initialised body diverges: set model.backbone.weights "
+        "(e.g. torchvision:IMAGENET1K_V1), or model.backbone.norm=auto to train from scratch with trainable BN "
+        "(model.backbone.force_frozen_bn=true to insist)"
+    )
 
 
 def build_backbone(cfg) -> nn.Module:
@@ -28,12 +61,13 @@ def build_backbone(cfg) -> nn.Module:
     layout those checkpoints were trained with.
     """
     m = cfg.model
+    norm, frozen_stages = backbone_norm(cfg)
     fpn = build_backbone_fpn(
         m.backbone.get("name", "resnet"),
         m.backbone.depth,
         out_channels=m.fpn.channels,
-        norm=m.backbone.norm,
-        frozen_stages=m.backbone.frozen_stages,
+        norm=norm,
+        frozen_stages=frozen_stages,
     )
     if m.msfem.branches == 0:
         return fpn
@@ -101,5 +135,10 @@ def build_model(cfg, *, pretrained: bool = True) -> nn.Module:
     else:
         raise ConfigError(f"model.type must be 'comask' or 'maskrcnn', got {kind!r}")
     if pretrained:
+        norm, frozen = backbone_norm(cfg)
+        log.info("backbone: %s %s, norm %s, %s frozen (model.backbone.norm=%s, frozen_stages=%s, weights=%s)",
+                 cfg.model.backbone.get("name", "resnet"), cfg.model.backbone.depth, norm,
+                 f"stem + {frozen} stage(s)" if frozen else "nothing", cfg.model.backbone.norm,
+                 cfg.model.backbone.frozen_stages, cfg.model.backbone.get("weights"))
         apply_pretrained(model, cfg)
     return model

@@ -13,7 +13,7 @@ conv (and its backward) would otherwise be the most expensive layer of the head.
 
 Two choices differ from METHOD.md / the first version, measured on tests/test_model_overfit.py's
 4-image set (lr 0.02, batch 4, clip 35, OMP_NUM_THREADS=1; issue 3):
-- Offsets are exp(conv) (clamped at 8 RoI units), not ReLU(conv). With ReLU, one large step at lr 0.02
+- Offsets are exp(conv) (clamped at 8 RoI units, the gradient passed through the clamp), not ReLU(conv). With ReLU, one large step at lr 0.02
   pushed all four distances of the cells below 0: the IoU became 0, -log IoU hit its clamp (13.8) with a
   zero gradient, and the offsets stayed dead (loss_offset 1.6 -> 14.0 by iteration 25, gradient norm 1229
   at iteration 10, mask BCE back to 0.69, AP 0.0 after 40 iterations). With exp, -log IoU is, per side, the
@@ -35,7 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# distances in RoI units: 8 is far beyond any box an RoI matched at IoU >= 0.5 can have; 1e-3 keeps exp from
+# underflowing to an empty box
 _LOG_MAX_OFFSET = math.log(8.0)
+_LOG_MIN_OFFSET = math.log(1e-3)
 
 
 def gn_groups(channels: int, max_groups: int = 32) -> int:
@@ -107,9 +110,12 @@ class CollaborativeHead(nn.Module):
 
     def offsets(self, feat: HeadFeatures) -> Tensor:
         """X -> (N, 4, 7, 7) positive (l, t, r, b) in units of the RoI size."""
+        # float32: the exp, the decoded boxes and the IoU loss are not safe in half precision.
         # exp keeps every distance alive (ReLU units died at lr 0.02); the clamp keeps a wild early step from
-        # overflowing: 8 RoI units is far beyond any box an RoI matched at IoU >= 0.5 can have.
-        return torch.exp(self.offset_pred(feat.tower).clamp(max=_LOG_MAX_OFFSET))
+        # overflowing or underflowing but passes the gradient through: a plain clamp has zero gradient beyond
+        # its bounds, so cells that overshot stayed there for good (the constant offset loss of ~11).
+        x = self.offset_pred(feat.tower).float()
+        return torch.exp(x + (x.clamp(_LOG_MIN_OFFSET, _LOG_MAX_OFFSET) - x).detach())
 
     def mask_logits(self, feat: HeadFeatures, classes: Tensor | None = None) -> Tensor:
         """X (+ skip) -> (N, C+1, 28, 28) logits, or (N, 1, 28, 28) for `classes` (N,) only."""

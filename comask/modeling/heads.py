@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from comask.modeling.roi_align import roi_align
+from comask.modeling.sync import host_list
 
 FPN_LEVEL_NAMES = ("0", "1", "2", "3")  # P2..P5; P6 ("pool") only feeds the RPN, as in FPN
 
@@ -75,13 +76,21 @@ class FPNRoIAlign(nn.Module):
         wh = ((all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1])).clamp(min=1e-12)
         lvl = torch.floor(self.canonical_level + torch.log2(wh.sqrt() / self.canonical_scale) + 1e-6)
         lvl = lvl.clamp(k_min, k_max).to(torch.int64) - k_min
-        pooled, order = [], []
-        for i, (feat, scale) in enumerate(zip(feats, scales)):
-            idx = torch.where(lvl == i)[0]
-            pooled.append(
-                roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned)
-            )
-            order.append(idx)
+        if torch.jit.is_tracing():
+            # the traced graph must not freeze the per-level counts of the example image
+            order = [torch.where(lvl == i)[0] for i in range(len(feats))]
+            counts = None
+        else:
+            # RoIs grouped by level, each level in input order; the per-level counts are the one host read
+            # (they size each level's RoIAlign)
+            order_all = torch.argsort(lvl, stable=True)
+            counts = host_list(torch.zeros(len(feats), dtype=torch.int64, device=lvl.device).index_add_(
+                0, lvl, torch.ones_like(lvl)))
+            order = list(order_all.split(counts))
+        pooled = [
+            roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned)
+            for feat, scale, idx in zip(feats, scales, order)
+        ]
         # Put the per-level results back in the input order with a gather (no in-place scatter), which
         # autograd, autocast (levels may differ in dtype) and tracing all handle.
         out = torch.cat([p.to(pooled[0].dtype) for p in pooled], dim=0)

@@ -11,6 +11,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _EPS = 1e-6
+_TINY = 1e-30  # float32 log floor: only an empty intersection (a cell outside its box) reaches it
+
+
+def _inter_union(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    pl, pt, pr, pb = pred.unbind(-1)
+    tl, tt, tr, tb = target.unbind(-1)
+    iw = (torch.minimum(pl, tl) + torch.minimum(pr, tr)).clamp(min=0)
+    ih = (torch.minimum(pt, tt) + torch.minimum(pb, tb)).clamp(min=0)
+    inter = iw * ih
+    area_p = (pl + pr).clamp(min=0) * (pt + pb).clamp(min=0)
+    area_t = (tl + tr).clamp(min=0) * (tt + tb).clamp(min=0)
+    return inter, area_p + area_t - inter
 
 
 def offset_iou(pred: Tensor, target: Tensor) -> Tensor:
@@ -19,14 +31,8 @@ def offset_iou(pred: Tensor, target: Tensor) -> Tensor:
     Written for general boxes (intersection clipped at 0, target area clipped at 0), so a target whose
     point lies outside its box (negative distances) gives a finite value instead of a negative area.
     """
-    pl, pt, pr, pb = pred.unbind(-1)
-    tl, tt, tr, tb = target.unbind(-1)
-    iw = (torch.minimum(pl, tl) + torch.minimum(pr, tr)).clamp(min=0)
-    ih = (torch.minimum(pt, tt) + torch.minimum(pb, tb)).clamp(min=0)
-    inter = iw * ih
-    area_p = (pl + pr).clamp(min=0) * (pt + pb).clamp(min=0)
-    area_t = (tl + tr).clamp(min=0) * (tt + tb).clamp(min=0)
-    return inter / (area_p + area_t - inter).clamp(min=_EPS)
+    inter, union = _inter_union(pred, target)
+    return inter / union.clamp(min=_EPS)
 
 
 def offset_loss(pred: Tensor, target: Tensor, mask_targets: Tensor, thresh: float = 0.5) -> Tensor:
@@ -42,7 +48,10 @@ def offset_loss(pred: Tensor, target: Tensor, mask_targets: Tensor, thresh: floa
     # float32 even under autocast: the IoU of thin boxes and its log are not safe in half precision
     p = pred.float().permute(0, 2, 3, 1).reshape(-1, 4)
     t = target.float().permute(0, 2, 3, 1).reshape(-1, 4)
-    loss = -torch.log(offset_iou(p, t).clamp(min=_EPS))
+    # -log IoU as log(union) - log(inter): clamping the IoU at an epsilon instead gave predictions that had
+    # collapsed (IoU < 1e-6) a constant loss and no gradient back; the floor here is far below any real overlap
+    inter, union = _inter_union(p, t)
+    loss = torch.log(union.clamp(min=_TINY)) - torch.log(inter.clamp(min=_TINY))
     # Per cell, not broadcast per RoI: each cell's loss is multiplied by its own weight.
     return (loss * w).sum() / w.sum().clamp(min=_EPS)
 

@@ -1,7 +1,8 @@
-"""Initialising a freshly built model from weight files users already have (nothing is downloaded).
+"""Initialising a freshly built model from weight files (only `torchvision:` names are ever downloaded).
 
-- `model.backbone.weights`: a torchvision ImageNet ResNet state_dict (`resnet50-*.pth` layout) ->
-  the ResNet of the backbone (via `backbone.load_backbone_weights`, the backbone's own loader).
+- `model.backbone.weights`: a torchvision ImageNet state_dict (`resnet50-*.pth` or MobileNetV3 layout), a local
+  path or `torchvision:IMAGENET1K_V1` (comask.modeling.imagenet: torch.hub's cache) -> the backbone's body
+  (via `backbone.load_backbone_weights`, the backbone's own loader).
 - `model.init_from`: a torchvision `maskrcnn_resnet50_fpn` checkpoint (COCO) -> backbone, FPN and RPN
   of either model type; for CoMask also the classification head's two FC layers and, where its shape
   matches (same class count), the class scores; for the Mask R-CNN baseline the whole RoI stage where
@@ -24,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from comask.engine.checkpoint import load_checkpoint
+from comask.checkpoint_io import load_checkpoint
 from comask.errors import CheckpointError
 from comask.modeling.backbone import load_backbone_weights
+from comask.modeling.imagenet import resolve_weights
 
 log = logging.getLogger("comask.pretrained")
 
@@ -177,7 +179,8 @@ def apply_pretrained(model: nn.Module, cfg: Any) -> list[LoadReport]:
     reports = []
     m = cfg.model
     if m.backbone.get("weights"):
-        reports.append(load_imagenet_backbone(model, m.backbone.weights))
+        path = resolve_weights(m.backbone.weights, m.backbone.get("name", "resnet"), m.backbone.depth)
+        reports.append(load_imagenet_backbone(model, path))
     if m.get("init_from"):
         reports.append(init_from_torchvision_maskrcnn(model, m.init_from))
     for r in reports:

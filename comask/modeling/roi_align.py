@@ -100,20 +100,16 @@ def roi_align(
     """torchvision.ops.roi_align (rois as (K, 5) [batch index, x1, y1, x2, y2]), with the separable CPU backward
     when a gradient will be needed."""
     tracing = torch.jit.is_scripting() or torch.jit.is_tracing()
-    if input.device.type == "cpu" and rois.numel() and not tracing:
+    backward = input.requires_grad and torch.is_grad_enabled()
+    if input.device.type == "cpu" and rois.numel() and not tracing and backward:
         # torchvision's CPU kernels do not check the batch index: its backward writes a RoI's gradient past the
         # end of the input's buffer when the index is >= N (a heap corruption valgrind shows; the crash comes
         # later and elsewhere). One min/max pass over K numbers on the CPU; a CUDA check would cost a sync.
+        # Checked where a backward will run (inference reads stay free of host reads).
         low, top = (int(v) for v in torch.aminmax(rois[:, 0]))
         if low < 0 or top >= input.shape[0]:
             raise ValueError(f"roi_align: RoI batch indices must lie in [0, {input.shape[0]}), got {low}..{top}")
-    fast = (
-        input.device.type == "cpu"
-        and sampling_ratio > 0
-        and input.requires_grad
-        and torch.is_grad_enabled()
-        and not tracing
-    )
+    fast = input.device.type == "cpu" and sampling_ratio > 0 and backward and not tracing
     if not fast:
         return tv_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return _RoIAlignCPU.apply(input, rois, output_size, spatial_scale, sampling_ratio, aligned)

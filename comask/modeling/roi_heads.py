@@ -14,13 +14,65 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
-from torchvision.ops import batched_nms, remove_small_boxes
+from torchvision.ops import batched_nms, nms
 
 from comask.modeling.collab_head import CollaborativeHead, fg_confidence
 from comask.modeling.heads import ClassificationHead, FPNRoIAlign
 from comask.modeling.losses import classification_loss, mask_loss, offset_loss
+from comask.modeling.sync import host_list
 from comask.modeling.targets import add_gt_proposals, collab_targets, sample_proposals
 from comask.modeling.voting import clamp_boxes, vote_boxes
+
+
+def nms_per_class(boxes: Tensor, scores: Tensor, classes: Tensor, iou_thresh: float) -> Tensor:
+    """NMS within each class, in one NMS call (torchvision's coordinate trick: each class's boxes are shifted
+    past every other class's), whatever the number of boxes; kept indices, best score first."""
+    if torch.jit.is_tracing():  # torchvision's scripted version of the same: an export may see no boxes
+        return batched_nms(boxes, scores, classes, iou_thresh)
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    shift = classes.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + shift[:, None], scores, iou_thresh)
+
+
+def class_nms(
+    boxes: Tensor, scores: Tensor, score_thresh: float, nms_thresh: float, max_det: int, top_k: int = 1000
+) -> tuple[Tensor, Tensor]:
+    """Per-class NMS of every (box, class) pair, all classes in one NMS call: the best `max_det` survivors.
+
+    boxes (P, 4) shared by all classes; scores (P, C). Returns the kept pairs' flat indices p * C + c
+    (best first) and their scores. Pairs scoring <= `score_thresh` or on boxes under 0.01 px are out.
+
+    Only the `top_k` best pairs (at least 10 x max_det) go through NMS. That is exact: whether a pair
+    survives greedy NMS depends only on the pairs that score higher, so the survivors among the best k
+    pairs are the first survivors overall, and when at least `max_det` of them survive they are the whole
+    answer; otherwise (or if the k-th pair is still valid) k grows and NMS runs again.
+    Host reads: one (the number of survivors and whether k was enough) per NMS run, besides the NMS.
+    """
+    p, c = scores.shape
+    if p * c == 0:
+        return torch.zeros(0, dtype=torch.int64, device=scores.device), scores.new_zeros(0)
+    small = (boxes[:, 2] - boxes[:, 0] < 1e-2) | (boxes[:, 3] - boxes[:, 1] < 1e-2)
+    valid = (scores > score_thresh) & ~small[:, None]
+    # invalid pairs sort last and can only suppress one another; they are cut off below
+    if torch.jit.is_tracing():
+        # export: the valid pairs through one NMS, no host read (the graph must not freeze this image's counts)
+        idx = torch.where(valid.reshape(-1))[0]
+        keep = batched_nms(boxes[idx // c], scores.reshape(-1)[idx], idx % c + 1, nms_thresh)[:max_det]
+        return idx[keep], scores.reshape(-1)[idx[keep]]
+    flat = torch.where(valid, scores, torch.full_like(scores, -1.0)).reshape(-1)
+    k = min(p * c, max(top_k, 10 * max_det))
+    while True:
+        top, idx = flat.topk(k, sorted=True)
+        ok = top > -1.0
+        # invalid pairs get an empty box at 0, so that the class shift depends on the valid boxes alone
+        cand = torch.where(ok[:, None], boxes[idx // c], torch.zeros_like(boxes[:1]))
+        keep = nms_per_class(cand, top, idx % c + 1, nms_thresh)[:max_det]
+        counts = host_list(torch.stack([ok[keep].sum(), ok[-1].to(torch.int64)]))
+        n_kept, kth_valid = counts
+        if n_kept == max_det or not kth_valid or k == p * c:
+            return idx[keep[:n_kept]], top[keep[:n_kept]]
+        k = min(p * c, 4 * k)
 
 
 class CoMaskRoIHeads(nn.Module):
@@ -114,20 +166,11 @@ class CoMaskRoIHeads(nn.Module):
         probs = F.softmax(logits.float(), dim=-1).split([p.shape[0] for p in proposals])
         out_boxes, out_scores, out_labels = [], [], []
         for props, prob in zip(proposals, probs):
-            n, c1 = prob.shape
-            # Every (proposal, foreground class) pair is a candidate; the classification head does not
-            # regress boxes, so all classes of a proposal share its box.
-            scores = prob[:, 1:].reshape(-1)
-            labels = torch.arange(1, c1, device=prob.device).repeat(n)
-            idx = torch.where(scores > self.score_thresh)[0]
-            boxes = props[idx // (c1 - 1)]
-            scores, labels = scores[idx], labels[idx]
-            keep = remove_small_boxes(boxes, 1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            out_boxes.append(boxes[keep])
-            out_scores.append(scores[keep])
-            out_labels.append(labels[keep])
+            keep, scores = class_nms(props, prob[:, 1:], self.score_thresh, self.nms_thresh, self.detections_per_img)
+            c = prob.shape[1] - 1
+            out_boxes.append(props[keep // c])
+            out_scores.append(scores)
+            out_labels.append(keep % c + 1)
         return out_boxes, out_scores, out_labels
 
     def _vote(
@@ -140,14 +183,16 @@ class CoMaskRoIHeads(nn.Module):
         """Per image: the voted box (N, 4) of every detection (first pass of the collaborative head)."""
         counts = [b.shape[0] for b in boxes]
         rois = torch.cat(boxes)
-        # torch.stack, not torch.tensor: while tracing for ONNX export the sizes are 0-d tensors, and
-        # torch.tensor would freeze them at the example image's size (wrong clipping at other sizes).
-        hw = torch.cat(
-            [
-                torch.stack([torch.as_tensor(h), torch.as_tensor(w)]).to(rois.device).expand(n, 2)
-                for (h, w), n in zip(image_shapes, counts)
-            ]
-        ).reshape(-1, 2)
+        if torch.jit.is_tracing():
+            # torch.stack, not torch.tensor: while tracing for ONNX export the sizes are 0-d tensors, and
+            # torch.tensor would freeze them at the example image's size (wrong clipping at other sizes).
+            parts = [torch.stack([torch.as_tensor(h), torch.as_tensor(w)]).to(rois.device).expand(n, 2)
+                     for (h, w), n in zip(image_shapes, counts)]
+        else:
+            # filled on the device: a host tensor copied there would be a blocking copy (a stream sync)
+            parts = [torch.stack([rois.new_full((n,), float(h)), rois.new_full((n,), float(w))], dim=1)
+                     for (h, w), n in zip(image_shapes, counts)]
+        hw = torch.cat(parts).reshape(-1, 2)
         head = self.collab_head
         feat = head.features(self.collab_pooler(features, boxes, image_shapes))
         # Voting in float32 under autocast: in half precision a decoded coordinate near 1000 px is off by up
@@ -190,7 +235,7 @@ class CoMaskRoIHeads(nn.Module):
         if self.nms_after_vote:
             # Proposals that overlap too little to suppress each other can vote for the same object's box:
             # without a second NMS both stay, and one of them is a false positive at every IoU threshold.
-            keeps = [batched_nms(b, s, lab, self.nms_thresh) for b, s, lab in zip(voted, scores, labels)]
+            keeps = [nms_per_class(b, s, lab, self.nms_thresh) for b, s, lab in zip(voted, scores, labels)]
             voted = [b[k] for b, k in zip(voted, keeps)]
             scores = [s[k] for s, k in zip(scores, keeps)]
             labels = [lab[k] for lab, k in zip(labels, keeps)]

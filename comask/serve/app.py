@@ -60,6 +60,9 @@ class ServeSettings:
     max_side: int = 10_000
     max_queue: int = 64                # requests waiting for the model before 503
     max_batch: int = 4                 # images the worker may run through the model in one call
+    # pixels of decoded images held at once (decoding, queued, in the model, encoding); more wait. With
+    # about 40 MB per megapixel in flight this bounds the server's memory (docs/SERVING.md, "Memory").
+    max_pixels_in_flight: int = 40_000_000
     default_score_thr: float = 0.5
     default_max_det: int = 100
     max_det_limit: int = 1000
@@ -164,6 +167,55 @@ class GuardMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+class PixelBudget:
+    """At most `limit` pixels of decoded images in the server at once; requests over it wait their turn.
+
+    Each request holds its image's pixel count from before decoding until its answer is encoded, so
+    the memory of images waiting in the queue is bounded too, not only of those in the model. One image
+    alone is always let through (the upload limits bound its size).
+    """
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.used = 0
+        self._cond: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        loop = asyncio.get_running_loop()
+        if self._cond is None or self._loop is not loop:  # a new event loop (a restarted app): start afresh
+            self._cond, self._loop, self.used = asyncio.Condition(), loop, 0
+        return self._cond
+
+    async def acquire(self, pixels: int) -> int:
+        n = max(0, min(int(pixels), self.limit))
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        return n
+
+    async def release(self, n: int) -> None:
+        cond = self._condition()
+        async with cond:
+            self.used = max(0, self.used - n)
+            cond.notify_all()
+
+
+def header_pixels(data: bytes) -> int:
+    """width x height from the image header alone (0 when unreadable: decoding then gives the 400)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception:  # any header PIL cannot read; decode_image reports it properly
+        return 0
+    return int(w) * int(h)
+
+
 def decode_image(data: bytes, settings: ServeSettings) -> np.ndarray:
     """Bytes -> HxWx3 uint8 RGB through the data layer's reader (EXIF orientation applied, as browsers
     display it; sizes checked from the header before decoding), its errors as 400/413 answers."""
@@ -241,8 +293,10 @@ class InferenceWorker:
     def pending(self) -> int:
         return self._pending
 
-    async def run(self, image: np.ndarray) -> tuple[dict[str, Any], float, int]:
-        """-> (instances, model milliseconds, batch size it ran in)."""
+    async def run(self, image: np.ndarray, score_thr: float = 0.0,
+                  max_det: int | None = None) -> tuple[dict[str, Any], float, int]:
+        """-> (instances, model milliseconds, batch size it ran in). A predictor that `trims_before_paste`
+        drops detections below `score_thr` / beyond `max_det` before pasting their masks (bounded memory)."""
         with self._lock:
             if self._pending >= self.max_queue:
                 raise ApiError(503, "server busy: too many requests are waiting; retry shortly",
@@ -251,7 +305,7 @@ class InferenceWorker:
         self._start()  # after a shutdown/startup cycle of the same app (tests do that)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        self._queue.put((image, fut, loop))
+        self._queue.put((image, fut, loop, score_thr, max_det))
         try:
             return await fut
         finally:
@@ -280,11 +334,16 @@ class InferenceWorker:
 
     def _run_batch(self, batch: list) -> None:
         t0 = time.perf_counter()
+        # one model call for the batch: the loosest request's trim (each request is trimmed again after)
+        trim: dict[str, Any] = {}
+        if getattr(self.predictor, "trims_before_paste", False):
+            caps = [b[4] for b in batch]
+            trim = {"score_thr": min(b[3] for b in batch), "max_det": None if None in caps else max(caps)}
         try:
             if len(batch) == 1:
-                outs = [self.predictor(batch[0][0])]
+                outs = [self.predictor(batch[0][0], **trim)]
             else:
-                outs = self.predictor.predict_batch([b[0] for b in batch])  # type: ignore[attr-defined]
+                outs = self.predictor.predict_batch([b[0] for b in batch], **trim)  # type: ignore[attr-defined]
         except Exception as exc:
             if len(batch) > 1:
                 # Run them one by one, so that one bad request cannot fail the others.
@@ -302,7 +361,7 @@ class InferenceWorker:
 
     @staticmethod
     def _resolve(item: tuple, result: Any = None, exc: BaseException | None = None) -> None:
-        _, fut, loop = item
+        fut, loop = item[1], item[2]
 
         def _set() -> None:
             if fut.done():
@@ -333,6 +392,7 @@ def create_app(predictor: ServePredictor, info: ModelInfo | None = None,
     settings = settings or ServeSettings()
     info = info or ModelInfo()
     worker = InferenceWorker(predictor, settings.max_queue, settings.max_batch)
+    budget = PixelBudget(settings.max_pixels_in_flight)
     started = time.time()
 
     # No /docs: Swagger UI comes from a CDN, which the page's policy (and offline machines) forbid;
@@ -373,7 +433,8 @@ def create_app(predictor: ServePredictor, info: ModelInfo | None = None,
         body = {
             "status": "ok" if worker.alive else "degraded", "model_loaded": True, "worker_alive": worker.alive,
             "queue": worker.pending, "served": worker.served, "failed": worker.failed,
-            "batches": worker.batches, "uptime_s": round(time.time() - started, 1),
+            "batches": worker.batches, "pixels_in_flight": budget.used,
+            "uptime_s": round(time.time() - started, 1),
         }
         return JSONResponse(body, status_code=200 if worker.alive else 503)
 
@@ -407,12 +468,18 @@ def create_app(predictor: ServePredictor, info: ModelInfo | None = None,
         t0 = time.perf_counter()
         # Decoding and RLE encoding take a thread-pool thread, so they overlap with the model's
         # work and never stall the event loop (a 40-megapixel decode takes a while).
-        image = await run_in_threadpool(decode_image, data, settings)
-        inst, infer_ms, batch_size = await worker.run(image)
-        rows = await run_in_threadpool(instances_to_json, inst, thr, k)
+        held = await budget.acquire(min(header_pixels(data), settings.max_pixels))
+        try:
+            image = await run_in_threadpool(decode_image, data, settings)
+            inst, infer_ms, batch_size = await worker.run(image, thr, k)
+            rows = await run_in_threadpool(instances_to_json, inst, thr, k)
+            height, width = int(image.shape[0]), int(image.shape[1])
+            del image, inst  # the pixels leave with the budget they held
+        finally:
+            await budget.release(held)
         return {
             "instances": rows,
-            "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+            "image": {"width": width, "height": height},
             "time_ms": round((time.perf_counter() - t0) * 1000.0, 2),
             "inference_ms": round(infer_ms, 2),
             "batch_size": batch_size,
