@@ -95,10 +95,20 @@ def _calibrated_resnet50(images: list[torch.Tensor]) -> dict:
     return net.state_dict()
 
 
+def _photo_subset(coco128, out: Path, n: int) -> Path:
+    """The first `n` annotated photos of coco128 as a COCO file of their own (images read in place)."""
+    data = json.loads(coco128.ann.read_text())
+    ids = sorted({a["image_id"] for a in data["annotations"] if not a.get("iscrowd")})[:n]
+    data["images"] = [im for im in data["images"] if im["id"] in ids]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    out.write_text(json.dumps(data))
+    return out
+
+
 @pytest.mark.slow
 def test_coco_recipe_from_imagenet_weights_in_the_hub_cache(coco128, tmp_path, monkeypatch):
     """The default config (weights torchvision:IMAGENET1K_V1 -> FrozenBN, stem + stage 1 frozen) with the
-    file in torch.hub's cache: no download, finite, the loss falls."""
+    file in torch.hub's cache: no download, the frozen part stays as loaded, finite, and the loss falls."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
@@ -110,18 +120,30 @@ def test_coco_recipe_from_imagenet_weights_in_the_hub_cache(coco128, tmp_path, m
     _, path = hub_file("torchvision:IMAGENET1K_V1", "resnet", 50)
     path.parent.mkdir(parents=True)
     torch.save(_calibrated_resnet50(images), path)
-    cfg = _recipe("comask_r50_mfpn_2x_coco", coco128, "model.backbone.weights=torchvision:IMAGENET1K_V1")
+    # A random body stands in for ImageNet's (BN statistics calibrated, features not learned): over 24 fresh
+    # photos its loss is noise-bound, so the run sees 4 fixed photos, which the trainable stages and heads fit.
+    sub = _photo_subset(coco128, tmp_path / "four.json", 4)
+    data = f"{{ann: {sub}, images: {coco128.images}}}"
+    cfg = _recipe("comask_r50_mfpn_2x_coco", coco128, "model.backbone.weights=torchvision:IMAGENET1K_V1",
+                  f"data.train={data}", f"data.val={data}")
     torch.manual_seed(0)
     res = train(cfg, tmp_path / "run")
     body = res["model"].backbone.body
-    assert isinstance(body.bn1, torch.nn.Module) and type(body.bn1).__name__ == "FrozenBatchNorm2d"
+    assert type(body.bn1).__name__ == "FrozenBatchNorm2d"
     assert torch.equal(body.layer1[0].conv1.weight, torch.load(path)["layer1.0.conv1.weight"])  # frozen
+    assert not torch.equal(body.layer4[0].conv1.weight, torch.load(path)["layer4.0.conv1.weight"])  # trained
     curve = _curve(tmp_path / "run")
-    assert res["iter"] == ITERS and all(math.isfinite(r["loss"]) for r in curve)
-    # a random body stands in for ImageNet's (BN statistics calibrated, features not learned), so the loss only
-    # has to come down at some point and not run away at LR 0.02: measured 10.3, 9.3, 8.2, 10.1
-    losses = [r["loss"] for r in curve]
-    assert all(x < 1.5 * losses[0] for x in losses), losses
+    assert res["iter"] == ITERS and res["nonfinite_skipped"] == 0
+    assert all(math.isfinite(v) for r in curve for k, v in r.items() if k.startswith("loss")), curve
+    first, last = curve[0], curve[-1]
+    assert last["loss"] < first["loss"], [r["loss"] for r in curve]
+    # what is learnt falls (measured over two runs: cls 5.3 -> 0.75-0.9, objectness 0.68 -> 0.28-0.31, mask
+    # 0.97 -> 0.78-0.79); the offsets are in the bump they show while the LR first reaches 0.02 (2.1 -> 4.3-6.5
+    # here; on the GPU runs it peaks at 3-4 and falls back to 1.3 by iteration 90, docs/BENCHMARKS.md "GPU"),
+    # far from the 11.07 at which the old parametrisation saturated for good
+    assert last["loss_cls"] < 0.5 * first["loss_cls"] and last["loss_objectness"] < 0.8 * first["loss_objectness"]
+    assert last["loss_mask"] < 0.9 * first["loss_mask"], curve
+    assert max(r["loss_offset"] for r in curve) < 9.0, curve
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
