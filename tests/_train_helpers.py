@@ -116,6 +116,30 @@ class NaNAt(nn.Module):
         return out
 
 
+class _NaNGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class NaNGradAt(NaNAt):
+    """The `at`-th training forward returns finite losses whose loss_mask gradient is NaN (an overflow in
+    backward, as oneDNN's bf16 convolution produced on one-pixel-wide maps)."""
+
+    def forward(self, images, targets=None):
+        out = self.inner(images, targets)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                out = dict(out)
+                out["loss_mask"] = _NaNGrad.apply(out["loss_mask"])
+        return out
+
+
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     """Names of tensors that differ (empty = bit-identical)."""
     assert a.keys() == b.keys()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import NaNAt, state_equal, tiny_cfg, tiny_maskrcnn, write_tiny_coco  # noqa: E402
+from _train_helpers import NaNAt, NaNGradAt, state_equal, tiny_cfg, tiny_maskrcnn, write_tiny_coco  # noqa: E402
 
 from comask.config import ConfigError  # noqa: E402
 from comask.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
@@ -190,6 +190,19 @@ def test_nonfinite_loss_skipped_when_asked(data_root: Path, tmp_path: Path) -> N
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
     events = [r for r in _records(tmp_path / "run") if r.get("event") == "nonfinite_skip"]
     assert len(events) == 1 and events[0]["iter"] == 2 and events[0]["losses"]["loss_mask"] == "nan"
+
+
+def test_nonfinite_gradient_with_finite_loss_is_caught(data_root: Path, tmp_path: Path) -> None:
+    # without the check, clip_grad_norm_ scales every gradient by 10 / NaN and the weights turn NaN silently
+    cfg = tiny_cfg(data_root, "schedule.clip_grad_norm=10", "runtime.checkpoint_period=100")
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient at iteration 3"):
+        train(cfg, tmp_path / "stop", model_factory=lambda c: NaNGradAt(tiny_maskrcnn(c), at=3))
+    res = train(tiny_cfg(data_root, "schedule.clip_grad_norm=10", "runtime.skip_nonfinite=true",
+                         "runtime.checkpoint_period=100"),
+                tmp_path / "skip", model_factory=lambda c: NaNGradAt(tiny_maskrcnn(c), at=3))
+    assert res["iter"] == 6 and res["nonfinite_skipped"] == 1
+    final = load_checkpoint(tmp_path / "skip" / "model_final.pth")["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 
 
 def _never_called(cfg):

@@ -509,10 +509,20 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                 reason = "time_limit"
 
             values = {k: float(v.detach()) for k, v in loss_dict.items()}
-            if flags[0].item() > 0:
-                bad = _nonfinite_report(values, float(loss.detach()))
+            grad_norm = None
+            if flags[0].item() == 0 and clip is not None:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            # A finite loss can still give non-finite gradients (an overflow in backward); without a
+            # GradScaler to catch them, the clip's scale would write NaN into every weight. Gradients are
+            # all-reduced before the norm, so every rank takes the same branch.
+            bad_grad = grad_norm is not None and not scaler.is_enabled() and not math.isfinite(float(grad_norm))
+            if flags[0].item() > 0 or bad_grad:
+                what = "gradient" if bad_grad else "loss"
+                bad = (f"gradient norm {float(grad_norm)} with finite loss terms" if bad_grad
+                       else _nonfinite_report(values, float(loss.detach())))
                 if not skip_nonfinite:
-                    msg = (f"non-finite loss at iteration {it + 1}: {bad}. The last good checkpoint is "
+                    msg = (f"non-finite {what} at iteration {it + 1}: {bad}. The last good checkpoint is "
                            f"{result['checkpoint'] or '(none yet)'}. Lower schedule.base_lr, set "
                            "schedule.clip_grad_norm, or set runtime.skip_nonfinite=true to skip such steps")
                     logger.event(it + 1, "nonfinite_stop", losses=values)
@@ -521,13 +531,9 @@ def _train(cfg: Config, out: Path, resume: bool, model_factory: Callable | None,
                 result["nonfinite_skipped"] += 1
                 logger.event(it + 1, "nonfinite_skip", losses=values, skipped=result["nonfinite_skipped"])
                 if is_main:
-                    log.warning("iteration %d: non-finite loss (%s), step skipped (%d so far)",
-                                it + 1, bad, result["nonfinite_skipped"])
+                    log.warning("iteration %d: non-finite %s (%s), step skipped (%d so far)",
+                                it + 1, what, bad, result["nonfinite_skipped"])
             else:
-                grad_norm = None
-                if clip is not None:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 scaler.step(optimizer)
                 if scaler.is_enabled():
                     scale = scaler.get_scale()

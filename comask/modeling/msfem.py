@@ -83,7 +83,7 @@ class MSFEM(nn.Module):
         cur = x
         for i, down in enumerate(self.down, start=1):
             if cur.shape[-2] > 1 or cur.shape[-1] > 1:
-                cur = down(cur)
+                cur = _down_step(down, cur)
             part = F.conv2d(cur, w[i].contiguous())
             # in place: the sum's backward needs neither operand, and at P2 each full-size temporary
             # costs an allocation of the whole map
@@ -94,6 +94,16 @@ class MSFEM(nn.Module):
             return self.out_conv(y)
         # GroupNorm's backward reads its input, not its output, so the residual sum can reuse it
         return F.relu(self.out_norm(self.out_conv(y)).add_(y), inplace=True)
+
+
+def _down_step(down: nn.Module, x: Tensor) -> Tensor:
+    """One stride-2 step of the chain. On the CPU, oneDNN's reduced-precision convolution returns garbage
+    weight gradients (NaN in about half of random draws, torch 2.14) for inputs one pixel wide, which the
+    chain reaches on small or elongated images; such maps are tiny, so they run in float32."""
+    if x.device.type == "cpu" and min(x.shape[-2:]) == 1 and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return down(x.float())
+    return down(x)
 
 
 class MFPN(nn.Module):
