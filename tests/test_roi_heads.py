@@ -274,6 +274,21 @@ def test_eval_zero_detections_and_zero_proposals():
     _check_result(results[1], SHAPES[1])
 
 
+def test_padded_roi_passes_change_no_result():
+    # pad_rois (set by the ONNX exporter) adds one dummy RoI per image to the vote and mask passes
+    torch.manual_seed(0)
+    heads = _heads(score_thresh=0.05).eval()
+    props = [_proposals(n=40)[0], torch.zeros(0, 4)]  # the second image has no detection
+    with torch.no_grad():
+        plain, _ = heads(_features(), props, SHAPES)
+        heads.pad_rois = True
+        padded, _ = heads(_features(), props, SHAPES)
+    assert plain[0]["boxes"].shape[0] > 0 and padded[1]["boxes"].shape == (0, 4)
+    for a, b in zip(plain, padded):
+        for k in ("boxes", "labels", "scores", "masks"):
+            assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-5), k
+
+
 def test_eval_boxes_come_from_the_vote():
     """With every cell predicting (0.5, 0.5, 0.5, 0.5), w/o CL the plain mean of the cell boxes is the RoI
     itself, so the output boxes are the detected proposals; with CL the M_s-weighted mean moves them."""

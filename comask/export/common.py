@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from comask.errors import UserError
+from comask.modeling.roi_heads import CoMaskRoIHeads
 
 OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
 INPUT_NAME = "image"
@@ -37,29 +38,12 @@ class InferenceModule(nn.Module):
         return out["boxes"], out["labels"], out["scores"], out["masks"]
 
 
-class _PaddedRoIPass:
-    """A per-RoI pass of CoMaskRoIHeads (`_vote`, `_masks`) with one dummy RoI appended per image and removed after.
-
-    ONNX Runtime cannot reshape an empty tensor to a shape with a -1 entry, and the exporter lowers
-    GroupNorm and several reshapes of the collaborative head to exactly that; with zero detections the
-    graph would fail. Every op of the head works on each RoI alone, so a dummy RoI changes no other result.
-    """
-
-    def __init__(self, roi_pass):
-        self.roi_pass = roi_pass
-
-    def __call__(self, features, boxes: list[Tensor], labels: list[Tensor], image_shapes) -> list[Tensor]:
-        dummy_box = [torch.cat([b, b.new_tensor([[0.0, 0.0, 1.0, 1.0]])]) for b in boxes]
-        dummy_lab = [torch.cat([lab, lab.new_ones(1)]) for lab in labels]
-        return [out[:-1] for out in self.roi_pass(features, dummy_box, dummy_lab, image_shapes)]
-
-
 def onnx_friendly(model: nn.Module) -> nn.Module:
-    """Make the CoMask RoI stage of `model` (in place) safe for images without detections in ONNX Runtime."""
+    """Set the CoMask RoI stage of `model` (in place) to pad its inference passes, so that images without
+    detections run in ONNX Runtime (`CoMaskRoIHeads.pad_rois`). Mask R-CNN's heads need nothing."""
     heads = getattr(model, "roi_heads", None)
-    for name in ("_vote", "_masks"):
-        if heads is not None and callable(getattr(type(heads), name, None)):
-            setattr(heads, name, _PaddedRoIPass(getattr(heads, name)))
+    if isinstance(heads, CoMaskRoIHeads):
+        heads.pad_rois = True
     return model
 
 

@@ -121,6 +121,11 @@ class CoMaskRoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.nms_after_vote = nms_after_vote
         self.detections_per_img = detections_per_img
+        # Exporters set this: ONNX Runtime cannot reshape an empty tensor to a shape with a -1 entry, which
+        # the exported GroupNorm and head reshapes become, so an image without detections would fail there.
+        # With it, each image gets one dummy RoI in the two inference passes, removed after; every op of
+        # the head works on each RoI alone, so the dummy changes no other result.
+        self.pad_rois = False
 
     # ---------------------------------------------------------------- training
     @staticmethod
@@ -216,6 +221,13 @@ class CoMaskRoIHeads(nn.Module):
         masks = head.mask_logits(feat, torch.cat(labels)).float().sigmoid()
         return list(masks.split([b.shape[0] for b in boxes]))
 
+    def _roi_pass(self, roi_pass, features, boxes: list[Tensor], labels: list[Tensor], image_shapes) -> list[Tensor]:
+        if not self.pad_rois:
+            return roi_pass(features, boxes, labels, image_shapes)
+        boxes = [torch.cat([b, b.new_tensor([[0.0, 0.0, 1.0, 1.0]])]) for b in boxes]
+        labels = [torch.cat([lab, lab.new_ones(1)]) for lab in labels]
+        return [out[:-1] for out in roi_pass(features, boxes, labels, image_shapes)]
+
     def forward(
         self,
         features: dict[str, Tensor],
@@ -231,7 +243,7 @@ class CoMaskRoIHeads(nn.Module):
             targets = self._check_targets(targets, len(proposals))
             return [], self._losses(features, proposals, image_shapes, targets)
         boxes, scores, labels = self._detect(features, proposals, image_shapes)
-        voted = self._vote(features, boxes, labels, image_shapes)
+        voted = self._roi_pass(self._vote, features, boxes, labels, image_shapes)
         if self.nms_after_vote:
             # Proposals that overlap too little to suppress each other can vote for the same object's box:
             # without a second NMS both stay, and one of them is a false positive at every IoU threshold.
@@ -239,7 +251,7 @@ class CoMaskRoIHeads(nn.Module):
             voted = [b[k] for b, k in zip(voted, keeps)]
             scores = [s[k] for s, k in zip(scores, keeps)]
             labels = [lab[k] for lab, k in zip(labels, keeps)]
-        masks = self._masks(features, voted, labels, image_shapes)
+        masks = self._roi_pass(self._masks, features, voted, labels, image_shapes)
         results = [
             {"boxes": b, "labels": lab, "scores": s, "masks": m}
             for b, lab, s, m in zip(voted, labels, scores, masks)
