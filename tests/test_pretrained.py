@@ -180,7 +180,8 @@ def test_checkpoint_loading_does_not_need_the_pretrained_files(tmp_path):
         "model.backbone.depth=18", "model.backbone.norm=bn", "model.fpn.channels=16", "model.num_classes=3"])
     with pytest.raises(CheckpointError, match="model.backbone.weights"):
         build_model(cfg)
-    assert build_model(cfg, pretrained=False) is not None
+    model = build_model(cfg, pretrained=False)  # the files are not read: the model is the config's
+    assert model.backbone.out_channels == 16 and len(model.backbone.body.layer4) == 2  # ResNet-18's stage 5
 
 
 def test_read_state_dict_takes_assets_and_state_dict_layouts(tmp_path):

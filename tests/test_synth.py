@@ -81,7 +81,7 @@ def test_instances_per_image_and_minimum_visible_area(bench_small) -> None:
     out, _ = bench_small
     coco = COCO(str(out / "annotations" / "train.json"))
     per_image = [len(coco.getAnnIds(imgIds=[i])) for i in coco.getImgIds()]
-    assert max(per_image) <= 20 and min(per_image) >= 0
+    assert max(per_image) <= 20
     assert np.mean(per_image) > 4  # cluttered scenes, not one object per image
     assert min(a["area"] for a in coco.dataset["annotations"]) >= synth.MIN_VISIBLE_AREA
 
@@ -311,4 +311,7 @@ def test_generation_speed_is_measured(tmp_path: Path) -> None:
     s = synth.write_dataset(tmp_path / "speed", num_train=24, num_val=0, num_test=0, preset="shapes-bench", workers=1, verbose=False)
     cpu = time.process_time() - t0
     print(f"\nsynth speed: {s['images_per_s']} images/s wall, {24 / cpu:.0f} images/s per CPU-second")
-    assert s["splits"]["train"]["images"] == 24 and s["images_per_s"] > 0
+    # the reported rate is the images over the wall time the call reports, which can't be below its CPU time
+    assert s["splits"]["train"]["images"] == 24
+    assert s["images_per_s"] == pytest.approx(24 / s["seconds"], rel=0.02, abs=0.1)
+    assert s["seconds"] >= 0.5 * cpu
