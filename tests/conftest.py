@@ -1,6 +1,8 @@
 """Shared test fixtures.
 
 - `coco128`: paths of the real COCO subset in ../shared/data/coco128 (read in place, never copied).
+- `tiny_config(kind="comask", branches=2, *overrides)`: the R50 COCO config of either model shrunk to a
+  ResNet-18 body with small heads (seconds per CPU step), for the model and export tests.
 - `make_tiny_coco(root)`: writes a tiny COCO data set (4 images, polygons, compressed and uncompressed
   RLE, a crowd region, an empty image, non-contiguous category ids) and returns a `TinyCoco`;
   `tiny_coco` is the same under tmp_path. Tests mutate `tc.data` and call `tc.write()`.
@@ -48,6 +50,29 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
     # The Makefile prints this file when pytest dies from a signal, which leaves no summary behind.
     Path(".pytest-running").write_text(nodeid + "\n")
+
+
+TINY_MODEL = [
+    "model.backbone.weights=null", "model.backbone.depth=18", "model.backbone.norm=bn",
+    "model.backbone.frozen_stages=0", "model.fpn.channels=32", "model.rpn.anchor_sizes=[8,16,32,64,128]",
+    "model.rpn.pre_nms_top_n_train=200", "model.rpn.post_nms_top_n_train=100",
+    "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50",
+    "model.roi.batch_size_per_image=64", "model.box_head.fc_dim=64", "model.collab_head.conv_dim=16",
+    "model.collab_head.max_pos_per_image=16", "model.mask_head.conv_dim=16", "model.test.detections_per_img=20",
+]
+
+
+def _tiny_config(kind: str = "comask", branches: int = 2, *overrides: str):
+    from comask.config import load_config
+
+    name = "comask_r50_mfpn_2x_coco" if kind == "comask" else "maskrcnn_r50_fpn_2x_coco"
+    return load_config(name, [*TINY_MODEL, f"model.msfem.branches={branches}", "model.num_classes=3",
+                              "input.min_size_test=96", "input.max_size_test=128", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return _tiny_config
 
 
 @dataclass

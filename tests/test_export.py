@@ -23,7 +23,6 @@ import torch
 from PIL import Image
 
 from comask.cli import main
-from comask.config import load_config
 from comask.engine.checkpoint import load_checkpoint, save_checkpoint
 from comask.errors import CheckpointError, UserError
 from comask.export.common import parse_size
@@ -33,26 +32,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _train_helpers import write_tiny_coco  # noqa: E402
 
 SIZE = 64
-TINY = [
-    "model.backbone.weights=null",
-    "model.num_classes=3", "model.backbone.depth=18", "model.backbone.norm=bn", "model.backbone.frozen_stages=0",
-    "model.fpn.channels=32", "model.msfem.branches=2", "model.rpn.anchor_sizes=[8,16,32,64,128]",
-    "model.rpn.pre_nms_top_n_train=200", "model.rpn.post_nms_top_n_train=100",
-    "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50",
-    "model.roi.batch_size_per_image=64", "model.box_head.fc_dim=64", "model.collab_head.conv_dim=16",
-    "model.collab_head.num_convs=2", "model.collab_head.max_pos_per_image=16", "model.test.detections_per_img=20",
-    f"input.min_size_train=[{SIZE}]", f"input.max_size_train={SIZE}",
-    f"input.min_size_test={SIZE}", f"input.max_size_test={SIZE}",
-]
+TINY_SIZES = [f"input.min_size_train=[{SIZE}]", f"input.max_size_train={SIZE}",
+              f"input.min_size_test={SIZE}", f"input.max_size_test={SIZE}"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
+def trained(tmp_path_factory, tiny_config) -> dict:
     from comask.engine.train import train
 
     root = tmp_path_factory.mktemp("export")
     data = write_tiny_coco(root / "data", num_train=8, num_val=3, size=SIZE)
-    cfg = load_config("comask_r50_mfpn_2x_coco", TINY + [
+    cfg = tiny_config("comask", 2, "model.collab_head.num_convs=2", *TINY_SIZES,
         f"data.train={{ann: {data}/annotations/train.json, images: {data}/train}}",
         f"data.val={{ann: {data}/annotations/val.json, images: {data}/val}}",
         "data.num_workers=0", "schedule.ims_per_batch=2", "schedule.base_batch=2", "schedule.base_lr=0.005",
@@ -60,7 +50,7 @@ def trained(tmp_path_factory) -> dict:
         # no gradient clip: the 16 iterations must leave a model that detects something at the default threshold
         "schedule.clip_grad_norm=null", "runtime.threads=1", "runtime.checkpoint_period=1000", "runtime.final_eval=false",
         "runtime.tensorboard=false", "runtime.progress=false", "runtime.min_free_mb=1",
-    ])
+    )
     res = train(cfg, root / "run")
     ckpt = Path(res["final"])
     # Inputs: the validation images and a resized copy of each (another size for the dynamic graph).

@@ -18,21 +18,6 @@ COMASK_LOSSES = {"loss_cls", "loss_offset", "loss_mask", "loss_objectness", "los
 MASKRCNN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
-def tiny_cfg(kind: str = "comask", branches: int = 2, *extra: str) -> Config:
-    name = "comask_r50_mfpn_2x_coco" if kind == "comask" else "maskrcnn_r50_fpn_2x_coco"
-    return load_config(name, [
-        "model.backbone.weights=null", "model.backbone.depth=18", "model.backbone.norm=bn", "model.backbone.frozen_stages=0",
-        "model.fpn.channels=32", f"model.msfem.branches={branches}", f"model.num_classes={NUM_CLASSES}",
-        "model.rpn.anchor_sizes=[8,16,32,64,128]",
-        "model.rpn.pre_nms_top_n_train=200", "model.rpn.post_nms_top_n_train=100",
-        "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50",
-        "model.roi.batch_size_per_image=64", "model.box_head.fc_dim=64",
-        "model.collab_head.conv_dim=16", "model.collab_head.max_pos_per_image=16", "model.mask_head.conv_dim=16",
-        "model.test.detections_per_img=20",
-        "input.min_size_test=96", "input.max_size_test=128", *extra,
-    ])
-
-
 def _target(h: int, w: int, boxes: list[list[int]], labels: list[int]) -> dict:
     masks = torch.zeros(len(boxes), h, w, dtype=torch.uint8)
     for i, (x1, y1, x2, y2) in enumerate(boxes):
@@ -95,9 +80,9 @@ def _train_step(model, images, targets) -> dict:
         ("maskrcnn", 4, ()),
     ],
 )
-def test_train_and_eval_outputs(kind, branches, extra):
+def test_train_and_eval_outputs(kind, branches, extra, tiny_config):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(kind, branches, *extra))
+    model = build_model(tiny_config(kind, branches, *extra))
     assert isinstance(model, CoMask if kind == "comask" else MaskRCNN)
     images, targets = _batch()  # two sizes in one batch
     losses = _train_step(model, images, targets)
@@ -111,9 +96,9 @@ def test_train_and_eval_outputs(kind, branches, extra):
     assert all(len(d["boxes"]) > 0 for d in out)
 
 
-def test_r50_frozen_bn_tiny_input():
+def test_r50_frozen_bn_tiny_input(tiny_config):
     torch.manual_seed(0)
-    cfg = tiny_cfg("comask", 4, "model.backbone.depth=50", "model.backbone.norm=frozen_bn",
+    cfg = tiny_config("comask", 4, "model.backbone.depth=50", "model.backbone.norm=frozen_bn",
                    "model.backbone.frozen_stages=1", "input.min_size_test=64", "input.max_size_test=64")
     model = build_model(cfg)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -141,11 +126,11 @@ def _expected_unused_msfem_params(model, image_hw) -> set[str]:
 
 
 @pytest.mark.parametrize("kind,branches", [("comask", 4), ("maskrcnn", 0)])
-def test_every_trainable_parameter_gets_a_finite_gradient(kind, branches):
+def test_every_trainable_parameter_gets_a_finite_gradient(kind, branches, tiny_config):
     torch.manual_seed(0)
     # after_fpn: the MFPN layout that _expected_unused_msfem_params walks (in_fpn: tests/test_model_msfem.py)
     # mask_skip on: its 1x1 conv must get a gradient too (the CPU configs use it)
-    model = build_model(tiny_cfg(kind, branches, "model.msfem.placement=after_fpn", "model.collab_head.mask_skip=true"))
+    model = build_model(tiny_config(kind, branches, "model.msfem.placement=after_fpn", "model.collab_head.mask_skip=true"))
     if kind == "comask":
         assert model.roi_heads.collab_head.mask_skip is not None
     images, targets = _batch(((128, 128), (128, 128)))
@@ -165,9 +150,9 @@ def test_every_trainable_parameter_gets_a_finite_gradient(kind, branches):
 
 
 @pytest.mark.parametrize("kind", ["comask", "maskrcnn"])
-def test_training_images_without_ground_truth(kind):
+def test_training_images_without_ground_truth(kind, tiny_config):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(kind, 1))
+    model = build_model(tiny_config(kind, 1))
     images, _ = _batch()
     empty = [_target(96, 96, [], []), _target(80, 112, [], [])]
     losses = _train_step(model, images, empty)
@@ -178,9 +163,9 @@ def test_training_images_without_ground_truth(kind):
 
 
 @pytest.mark.parametrize("kind", ["comask", "maskrcnn"])
-def test_eval_with_zero_detections(kind):
+def test_eval_with_zero_detections(kind, tiny_config):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(kind, 2, "model.test.score_thresh=1.0")).eval()
+    model = build_model(tiny_config(kind, 2, "model.test.score_thresh=1.0")).eval()
     images = [torch.rand(3, 96, 96), torch.rand(3, 64, 100)]
     with torch.no_grad():
         out = model(images)
@@ -188,8 +173,8 @@ def test_eval_with_zero_detections(kind):
     assert all(d["boxes"].shape == (0, 4) and d["masks"].shape[0] == 0 for d in out)
 
 
-def test_model_keeps_no_config_and_state_dict_is_tensors():
-    model = build_model(tiny_cfg("comask", 2, "model.msfem.placement=after_fpn"))
+def test_model_keeps_no_config_and_state_dict_is_tensors(tiny_config):
+    model = build_model(tiny_config("comask", 2, "model.msfem.placement=after_fpn"))
     for mod in model.modules():
         assert not any(isinstance(v, Config) for v in vars(mod).values()), type(mod).__name__
     sd = model.state_dict()
@@ -198,17 +183,17 @@ def test_model_keeps_no_config_and_state_dict_is_tensors():
     torch.save(sd, buf)
     buf.seek(0)
     again = torch.load(buf, weights_only=True)
-    fresh = build_model(tiny_cfg("comask", 2, "model.msfem.placement=after_fpn"))
+    fresh = build_model(tiny_config("comask", 2, "model.msfem.placement=after_fpn"))
     fresh.load_state_dict(again)
     assert torch.equal(fresh.backbone.msfem["p3"].fuse.weight, model.backbone.msfem["p3"].fuse.weight)
 
 
-def test_unknown_model_type():
-    cfg = tiny_cfg("comask", 0)
+def test_unknown_model_type(tiny_config):
+    cfg = tiny_config("comask", 0)
     cfg.model.type = "yolo"
     with pytest.raises(ConfigError, match="model.type"):
         build_model(cfg)
-    cfg = tiny_cfg("comask", 0, "model.rpn.anchor_sizes=[32,64]")
+    cfg = tiny_config("comask", 0, "model.rpn.anchor_sizes=[32,64]")
     with pytest.raises(ConfigError, match="anchor_sizes"):
         build_model(cfg)
 
