@@ -28,6 +28,7 @@ def _cmd_data_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    import comask.modeling.build  # noqa: F401  (registers the model's config checks: bad keys fail before the data scan)
     from comask.config import load_config
     from comask.engine.train import train
 

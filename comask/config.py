@@ -9,6 +9,7 @@ by name (`comask_r50_mfpn_2x_coco`) or by path.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,17 @@ _REQUIRED = {
 }
 
 
-# how MSFEM's 1x1 fusion starts (comask.modeling.msfem): here so that a config is checked when it is loaded
-MSFEM_FUSION_INITS = ("kaiming", "identity")
+# Checks of the keys a module reads, registered by that module (comask.modeling registers the model's
+# vocabulary): each runs on every config loaded once its module is imported, and the module runs it again
+# when it builds, so a config is checked even where nothing imported the module before loading it.
+_VALIDATORS: list[Callable[[Config, str], None]] = []
+
+
+def register_validator(fn: Callable[[Config, str], None]) -> Callable[[Config, str], None]:
+    """Add `fn(cfg, source)`, raising ConfigError, to the checks `validate` runs (a decorator)."""
+    if fn not in _VALIDATORS:
+        _VALIDATORS.append(fn)
+    return fn
 
 
 def validate(cfg: Config, source: str = "config") -> Config:
@@ -165,20 +175,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
             if k not in cfg[section]:
                 raise ConfigError(f"{source}: missing key '{section}.{k}'")
     m = cfg.model
-    if m.type not in ("comask", "maskrcnn"):
-        raise ConfigError(f"{source}: model.type must be 'comask' or 'maskrcnn', got {m.type!r}")
     if not isinstance(m.num_classes, int) or m.num_classes < 1:
         raise ConfigError(f"{source}: model.num_classes must be a positive integer, got {m.num_classes!r}")
-    if m.msfem.branches not in (0, 1, 2, 3, 4, 5, 6):
-        raise ConfigError(f"{source}: model.msfem.branches must be 0..6 (0 = plain FPN), got {m.msfem.branches!r}")
-    if m.msfem.branches and m.msfem.fusion_init not in MSFEM_FUSION_INITS:
-        raise ConfigError(
-            f"{source}: model.msfem.fusion_init must be one of {', '.join(MSFEM_FUSION_INITS)}, got {m.msfem.fusion_init!r}"
-        )
-    if m.backbone.depth not in (18, 34, 50, 101, 152):
-        raise ConfigError(f"{source}: model.backbone.depth must be 18/34/50/101/152, got {m.backbone.depth!r}")
     if cfg.schedule.ims_per_batch < 1 or cfg.schedule.max_iter < 1:
         raise ConfigError(f"{source}: schedule.ims_per_batch and schedule.max_iter must be >= 1")
+    for check in _VALIDATORS:
+        check(cfg, source)
     return cfg
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import comask.modeling.build  # noqa: F401  (registers the model's checks with the config loader)
 from comask.config import CONFIG_DIR, ConfigError, load_config
 
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -59,6 +60,10 @@ def test_overrides_parse_yaml_values_and_reach_nested_keys():
     ("noequals", "must look like key.sub=value"),
     ("model.msfem.branches=9", "model.msfem.branches must be 0..6"),
     ("model.type=yolo", "model.type must be"),
+    ("model.msfem.fusion_init=zeros", "model.msfem.fusion_init must be one of kaiming, identity"),
+    ("model.msfem.placement=before", "model.msfem.placement must be one of in_fpn, after_fpn"),
+    ("model.backbone.depth=20", "model.backbone.depth must be one of 18/34/50/101/152"),
+    ("model.backbone.norm=ln", "model.backbone.norm must be one of"),
 ])
 def test_bad_overrides_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as e:

@@ -39,6 +39,7 @@ _MOBILENETS: dict[str, tuple[Callable[..., mobilenetv3.MobileNetV3], dict[str, s
     "mobilenet_v3_small": (mobilenetv3.mobilenet_v3_small, {"1": "0", "3": "1", "8": "2", "12": "3"}, [16, 24, 48, 576]),
 }
 BACKBONES = ("resnet", *_MOBILENETS)
+RESNET_DEPTHS = tuple(_RESNETS)
 
 
 def gn_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:

@@ -10,11 +10,18 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from comask.config import ConfigError
-from comask.modeling.backbone import LEVEL_NAMES, build_backbone_fpn, resolve_norm
+from comask.config import ConfigError, register_validator
+from comask.modeling.backbone import (
+    BACKBONES,
+    LEVEL_NAMES,
+    NORMS,
+    RESNET_DEPTHS,
+    build_backbone_fpn,
+    resolve_norm,
+)
 from comask.modeling.comask import CoMask
 from comask.modeling.maskrcnn import MaskRCNN, build_maskrcnn_roi_heads
-from comask.modeling.msfem import MFPN, PLACEMENTS, msfem_in_fpn
+from comask.modeling.msfem import MFPN, PLACEMENTS, check_msfem_config, msfem_in_fpn
 from comask.modeling.pretrained import apply_pretrained
 from comask.modeling.roi_heads import build_comask_roi_heads
 
@@ -22,6 +29,27 @@ log = logging.getLogger("comask.build")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+MODEL_TYPES = ("comask", "maskrcnn")
+
+
+@register_validator
+def check_model_config(cfg, source: str = "config") -> None:
+    """ConfigError for `model` keys outside the vocabulary of the modules that read them; runs when a config
+    is loaded (registered with comask.config) and again in build_model."""
+    m = cfg.model
+    if m.type not in MODEL_TYPES:
+        raise ConfigError(f"{source}: model.type must be one of {', '.join(MODEL_TYPES)}, got {m.type!r}")
+    name = m.backbone.get("name", "resnet")
+    if name not in BACKBONES:
+        raise ConfigError(f"{source}: model.backbone.name must be one of {', '.join(BACKBONES)}, got {name!r}")
+    if m.backbone.depth not in RESNET_DEPTHS:
+        raise ConfigError(f"{source}: model.backbone.depth must be one of {'/'.join(map(str, RESNET_DEPTHS))}, "
+                          f"got {m.backbone.depth!r}")
+    if m.backbone.get("norm", "auto") not in NORMS:
+        raise ConfigError(f"{source}: model.backbone.norm must be one of {', '.join(NORMS)}, got {m.backbone.norm!r}")
+    check_msfem_config(m.msfem, source)
 
 
 def backbone_norm(cfg) -> tuple[str, int]:
@@ -124,6 +152,7 @@ def build_model(cfg, *, pretrained: bool = True) -> nn.Module:
     what was loaded. Code that loads a full checkpoint right after passes False, so a config that names
     such files still builds where they are absent.
     """
+    check_model_config(cfg)
     kind = cfg.model.type
     backbone = build_backbone(cfg)
     rpn = build_rpn(cfg, backbone.out_channels)

@@ -14,10 +14,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from comask.config import MSFEM_FUSION_INITS as FUSION_INITS
+from comask.config import ConfigError
 from comask.modeling.backbone import LEVEL_NAMES, gn_groups
 
 PLACEMENTS = ("in_fpn", "after_fpn")
+# how the 1x1 fusion starts (MSFEM's docstring)
+FUSION_INITS = ("kaiming", "identity")
+MAX_BRANCHES = 6
+
+
+def check_msfem_config(msfem, source: str = "config") -> None:
+    """ConfigError for `model.msfem` keys outside the module's vocabulary."""
+    if msfem.branches not in range(MAX_BRANCHES + 1):
+        raise ConfigError(f"{source}: model.msfem.branches must be 0..{MAX_BRANCHES} (0 = plain FPN), "
+                          f"got {msfem.branches!r}")
+    if not msfem.branches:
+        return
+    if msfem.get("fusion_init", "kaiming") not in FUSION_INITS:
+        raise ConfigError(f"{source}: model.msfem.fusion_init must be one of {', '.join(FUSION_INITS)}, "
+                          f"got {msfem.fusion_init!r}")
+    if msfem.get("placement", "after_fpn") not in PLACEMENTS:
+        raise ConfigError(f"{source}: model.msfem.placement must be one of {', '.join(PLACEMENTS)}, "
+                          f"got {msfem.placement!r}")
 
 
 class MSFEM(nn.Module):
