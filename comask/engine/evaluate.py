@@ -24,6 +24,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from comask.data.loader import build_dataset, build_test_loader
 from comask.engine import dist
 from comask.engine.predict import load_model, resize_problem
 from comask.engine.results import MASK_THRESHOLD, output_to_rows
@@ -237,10 +238,6 @@ def evaluate_files(gt: str | Path, dt: str | Path, iou_type: str = "segm", as_js
 # ---------------------------------------------------------------------------------------------------
 
 
-def _collate(batch: list) -> tuple:
-    return tuple(zip(*batch))
-
-
 def _gt_coco(dataset: Any) -> COCO:
     coco = getattr(dataset, "coco", None)
     if isinstance(coco, COCO):
@@ -249,11 +246,6 @@ def _gt_coco(dataset: Any) -> COCO:
     if ann is None:
         raise DataError("data set has neither a `coco` (pycocotools COCO) nor an `ann_file` attribute to score against")
     return load_gt(ann)
-
-
-def _shard_indices(n: int, rank: int, world: int) -> list[int]:
-    # strided, not contiguous, so ranks see a similar mix of image sizes
-    return list(range(rank, n, world))
 
 
 @torch.no_grad()
@@ -266,10 +258,10 @@ def _detect(model: torch.nn.Module, images: list[torch.Tensor], mask_thr: float)
 
 
 def run_inference(model: torch.nn.Module, dataset: Any, *, device: torch.device | str, batch_size: int = 2,
-                  indices: Sequence[int] | None = None, num_workers: int = 0,
+                  distributed: bool = False, num_workers: int = 0,
                   progress: bool = True, mask_thr: float = MASK_THRESHOLD,
                   cat_ids: Sequence[int] | None = None) -> tuple[list[dict], list[int]]:
-    """Run `model` over `dataset` (or the given indices) -> (COCO results rows, image ids seen).
+    """Run `model` over `dataset` (this rank's shard with `distributed`) -> (COCO results rows, image ids seen).
 
     Label i+1 becomes COCO category `cat_ids[i]` (the model's own ids; default `dataset.cat_ids`).
     Rows use the original image size (`target["orig_size"]` when present). Images the data set
@@ -277,14 +269,12 @@ def run_inference(model: torch.nn.Module, dataset: Any, *, device: torch.device 
     Only RLEs are kept per image, so memory does not grow with the masks' pixels.
     """
     device = torch.device(device)
-    subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=_collate)
+    loader = build_test_loader(dataset, batch_size, distributed=distributed, num_workers=num_workers)
     cat_ids = list(dataset.cat_ids if cat_ids is None else cat_ids)
     model.eval()
     rows: list[dict] = []
     img_ids: list[int] = []
-    total = len(subset)
+    total = len(loader.sampler)
     t0, done = time.perf_counter(), 0
     for images, targets in loader:
         # an image the data set found unreadable (data.skip_bad) comes as None: counted there, not scored
@@ -370,9 +360,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, *, device: torch.device
     rank, world = 0, 1
     if distributed:
         rank, world = dist.get_rank(), dist.get_world_size()
-    indices = _shard_indices(len(dataset), rank, world) if world > 1 else None
     was_training = model.training
-    rows, img_ids = run_inference(model, dataset, device=device, batch_size=batch_size, indices=indices,
+    rows, img_ids = run_inference(model, dataset, device=device, batch_size=batch_size, distributed=world > 1,
                                   num_workers=num_workers, progress=verbose and rank == 0, mask_thr=mask_thr,
                                   cat_ids=cat_ids)
     model.train(was_training)
@@ -431,8 +420,6 @@ def evaluate_checkpoint(weights: str | Path, config: str | Path | None = None, o
 def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: list[str] | None,
                          out_dir: str | Path | None, dev: torch.device, distributed: bool,
                          batch_size: int = 2) -> dict:
-    from comask.data.coco import CocoDataset
-
     if out_dir is None:
         out_dir = Path(weights).resolve().parent / f"eval_{Path(weights).stem}"
     if dist.is_main_process():
@@ -445,9 +432,8 @@ def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: l
         if dist.is_main_process():  # one writer; the other ranks wait for the files
             ensure_synth(cfg.data.synth.preset, cfg.data.synth.root)
         dist.barrier()
-    dataset = CocoDataset(cfg.data.val.ann, cfg.data.val.images, train=False,
-                          skip_bad=bool(cfg.data.get("skip_bad", False)),
-                          allow_outside_paths=bool(cfg.data.get("allow_outside_paths", False)))
+    # the data path training's evaluation takes: the config's file checks and pixel limit apply alike
+    dataset = build_dataset(cfg, "val")
     if len(lm.cat_ids) != len(dataset.cat_ids) or (lm.from_meta and list(lm.cat_ids) != list(dataset.cat_ids)):
         raise DataError(
             f"{cfg.data.val.ann}: category ids {_few(dataset.cat_ids, 10)} differ from the model's "
