@@ -74,6 +74,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
+def read_state_dict(path: str | Path, field_name: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a weights-only file (read by `load_checkpoint`, so `asset:NAME` works): bare, or
+    under 'model' / 'state_dict' (training scripts' checkpoints); a DataParallel 'module.' prefix is removed.
+    CheckpointError names `field_name`."""
+    try:
+        obj: Any = load_checkpoint(path)["model"]
+    except CheckpointError as e:
+        raise CheckpointError(f"{field_name}: {e}") from None
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{field_name}: {path} is not a state_dict of tensors")
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -106,11 +106,11 @@ def _load_model(spec: dict[str, Any], cfg: Any) -> torch.nn.Module:
 
     model = build_model(cfg, pretrained=False)
     if spec.get("weights"):
-        from comask.engine.checkpoint import load_checkpoint
+        from comask.checkpoint_io import read_state_dict
+        from comask.engine.checkpoint import load_model_weights
 
-        ckpt = load_checkpoint(spec["weights"])
-        state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-        model.load_state_dict(state)
+        load_model_weights(model, read_state_dict(spec["weights"], "--weights"), strict=True,
+                           source=str(spec["weights"]))
     return model
 
 

@@ -16,6 +16,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from comask.checkpoint_io import read_state_dict
 from comask.config import ConfigError
 from comask.errors import CheckpointError
 
@@ -148,16 +149,7 @@ def load_backbone_weights(net: nn.Module, path: str | Path) -> tuple[list[str], 
     them; raises CheckpointError when the file cannot be used at all.
     """
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"model.backbone.weights: {p} does not exist; give a torchvision ImageNet .pth file")
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling failure means the same thing to the user
-        raise CheckpointError(f"model.backbone.weights: cannot read {p} as a weights-only checkpoint ({e})") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"model.backbone.weights: {p} is not a state_dict of tensors")
+    sd = read_state_dict(p, "model.backbone.weights")
     sd = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith(("fc.", "classifier."))}
     own = net.state_dict()
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from comask.checkpoint_io import load_checkpoint
+from comask.checkpoint_io import read_state_dict
 from comask.errors import CheckpointError
 from comask.modeling.backbone import load_backbone_weights
 from comask.modeling.imagenet import resolve_weights
@@ -75,22 +75,6 @@ class LoadReport:
 def _is_counter(key: str) -> bool:
     # BatchNorm's step counter carries no weights; files and models disagree on it harmlessly.
     return key.endswith("num_batches_tracked")
-
-
-def read_state_dict(path: str | Path, field_name: str) -> dict[str, torch.Tensor]:
-    """A state_dict from a weights-only file (read by `load_checkpoint`, so `asset:NAME` works): bare, or
-    under 'model' / 'state_dict' (training scripts' checkpoints); a DataParallel 'module.' prefix is removed.
-    CheckpointError names `field_name`."""
-    try:
-        obj: Any = load_checkpoint(path)["model"]
-    except CheckpointError as e:
-        raise CheckpointError(f"{field_name}: {e}") from None
-    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{field_name}: {path} is not a state_dict of tensors")
-    sd = dict(obj)
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
 
 
 def upgrade_legacy_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
