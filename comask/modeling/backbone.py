@@ -165,13 +165,8 @@ def load_backbone_weights(net: nn.Module, path: str | Path) -> tuple[list[str], 
     return missing, list(result.unexpected_keys)
 
 
-def build_resnet_fpn(
-    depth: int,
-    out_channels: int = 256,
-    norm: str = "frozen_bn",
-    frozen_stages: int = 1,
-    weights: str | Path | None = None,
-) -> BackboneWithFPN:
+def build_resnet_fpn(depth: int, out_channels: int = 256, norm: str = "frozen_bn", frozen_stages: int = 1,
+                     weights: str | Path | None = None) -> BackboneWithFPN:
     """ResNet C2..C5 -> FPN P2..P5 (3x3 output convs) + P6 (max-pool of P5), `out_channels` wide.
 
     The returned module maps an image batch to an OrderedDict `{"0": P2, ..., "3": P5, "pool": P6}`
@@ -189,14 +184,8 @@ def build_resnet_fpn(
     )
 
 
-def build_backbone_fpn(
-    name: str,
-    depth: int,
-    out_channels: int = 256,
-    norm: str = "frozen_bn",
-    frozen_stages: int = 1,
-    weights: str | Path | None = None,
-) -> BackboneWithFPN:
+def build_backbone_fpn(name: str, depth: int, out_channels: int = 256, norm: str = "frozen_bn",
+                       frozen_stages: int = 1, weights: str | Path | None = None) -> BackboneWithFPN:
     """`model.backbone.name`: a ResNet of `depth` (build_resnet_fpn) or a torchvision MobileNetV3, each with
     FPN P2..P5 + P6 of `out_channels` and the same output keys."""
     if name == "resnet":

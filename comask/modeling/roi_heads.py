@@ -76,31 +76,15 @@ def class_nms(
 
 
 class CoMaskRoIHeads(nn.Module):
+    # keyword groups, one per line: head sizes; proposal sampling; losses; the vote; test-time selection
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        *,
-        fc_dim: int = 1024,
-        conv_dim: int = 256,
-        num_convs: int = 9,
-        mask_skip: bool = False,
-        batch_size_per_image: int = 512,
-        positive_fraction: float = 0.25,
-        fg_iou_thresh: float = 0.5,
-        bg_iou_thresh: float = 0.5,
-        cls_loss_weight: float = 2.0,
-        jitter: float = 0.15,
-        max_pos_per_image: int = 192,
-        offset_loss_weight: float = 2.0,
-        mask_loss_weight: float = 1.0,
-        vote_thresh: float = 0.5,
-        collaborative: bool = True,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        nms_after_vote: bool = True,
-        detections_per_img: int = 100,
-        sampling_ratio: int = 2,
+        self, in_channels: int, num_classes: int, *,
+        fc_dim: int = 1024, conv_dim: int = 256, num_convs: int = 9, mask_skip: bool = False, sampling_ratio: int = 2,
+        batch_size_per_image: int = 512, positive_fraction: float = 0.25, fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5, jitter: float = 0.15, max_pos_per_image: int = 192,
+        cls_loss_weight: float = 2.0, offset_loss_weight: float = 2.0, mask_loss_weight: float = 1.0,
+        vote_thresh: float = 0.5, collaborative: bool = True,
+        score_thresh: float = 0.05, nms_thresh: float = 0.5, nms_after_vote: bool = True, detections_per_img: int = 100,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -110,16 +94,11 @@ class CoMaskRoIHeads(nn.Module):
         self.collab_head = CollaborativeHead(in_channels, num_classes, conv_dim, num_convs, mask_skip)
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
-        self.cls_loss_weight = cls_loss_weight
-        self.jitter = jitter
-        self.max_pos_per_image = max_pos_per_image
-        self.offset_loss_weight = offset_loss_weight
+        self.jitter, self.max_pos_per_image = jitter, max_pos_per_image
+        self.cls_loss_weight, self.offset_loss_weight = cls_loss_weight, offset_loss_weight
         self.mask_loss_weight = mask_loss_weight
-        self.vote_thresh = vote_thresh
-        self.collaborative = collaborative
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
-        self.nms_after_vote = nms_after_vote
+        self.vote_thresh, self.collaborative = vote_thresh, collaborative
+        self.score_thresh, self.nms_thresh, self.nms_after_vote = score_thresh, nms_thresh, nms_after_vote
         self.detections_per_img = detections_per_img
         # Exporters set this: ONNX Runtime cannot reshape an empty tensor to a shape with a -1 entry, which
         # the exported GroupNorm and head reshapes become, so an image without detections would fail there.
@@ -178,13 +157,10 @@ class CoMaskRoIHeads(nn.Module):
             out_labels.append(keep % c + 1)
         return out_boxes, out_scores, out_labels
 
-    def _vote(
-        self,
-        features: dict[str, Tensor],
-        boxes: list[Tensor],
-        labels: list[Tensor],
-        image_shapes: list[tuple[int, int]],
-    ) -> list[Tensor]:
+    def _collab_features(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]):
+        return self.collab_head.features(self.collab_pooler(features, boxes, image_shapes))
+
+    def _vote(self, features, boxes: list[Tensor], labels: list[Tensor], image_shapes) -> list[Tensor]:
         """Per image: the voted box (N, 4) of every detection (first pass of the collaborative head)."""
         counts = [b.shape[0] for b in boxes]
         rois = torch.cat(boxes)
@@ -199,7 +175,7 @@ class CoMaskRoIHeads(nn.Module):
                      for (h, w), n in zip(image_shapes, counts)]
         hw = torch.cat(parts).reshape(-1, 2)
         head = self.collab_head
-        feat = head.features(self.collab_pooler(features, boxes, image_shapes))
+        feat = self._collab_features(features, boxes, image_shapes)
         # Voting in float32 under autocast: in half precision a decoded coordinate near 1000 px is off by up
         # to 0.5 px (float16) or 4 px (bfloat16).
         offsets = head.offsets(feat).float()
@@ -207,18 +183,11 @@ class CoMaskRoIHeads(nn.Module):
         voted = clamp_boxes(vote_boxes(rois, offsets, fg, self.vote_thresh, self.collaborative), hw)
         return list(voted.split(counts))
 
-    def _masks(
-        self,
-        features: dict[str, Tensor],
-        boxes: list[Tensor],
-        labels: list[Tensor],
-        image_shapes: list[tuple[int, int]],
-    ) -> list[Tensor]:
+    def _masks(self, features, boxes: list[Tensor], labels: list[Tensor], image_shapes) -> list[Tensor]:
         """Per image: (N, 1, 28, 28) mask probabilities of the class `labels` over `boxes` (second pass)."""
-        head = self.collab_head
-        feat = head.features(self.collab_pooler(features, boxes, image_shapes))
+        feat = self._collab_features(features, boxes, image_shapes)
         # float32: bfloat16 masks cannot become numpy arrays
-        masks = head.mask_logits(feat, torch.cat(labels)).float().sigmoid()
+        masks = self.collab_head.mask_logits(feat, torch.cat(labels)).float().sigmoid()
         return list(masks.split([b.shape[0] for b in boxes]))
 
     def _roi_pass(self, roi_pass, features, boxes: list[Tensor], labels: list[Tensor], image_shapes) -> list[Tensor]:

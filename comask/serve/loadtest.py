@@ -337,18 +337,26 @@ def main(argv: list[str] | None = None) -> int:
         stats = run_load(url, image, a.requests, a.concurrency, a.score_thr)
     stats.update({"image": desc, "url": url, "model": meta.get("config"), "device": meta.get("device"),
                   "max_batch": a.max_batch})
-    if a.json:
-        print(json.dumps(stats))
-    else:
-        lat = stats["latency_ms"]
-        print(f"{stats['ok']}/{stats['requests']} ok, {stats['errors']} errors, concurrency {stats['concurrency']}, "
-              f"{desc}, model {stats['model']} on {stats['device']}")
-        print(f"latency ms: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}  "
-              f"| server inference p50 {stats['server_inference_ms_p50']} ms "
-              f"| {stats['throughput_rps']} req/s over {stats['wall_s']} s")
-        for e in stats["error_samples"]:
-            print("  error:", e)
+    lat = stats["latency_ms"]
+    _report(stats, a.json, [
+        f"{stats['ok']}/{stats['requests']} ok, {stats['errors']} errors, concurrency {stats['concurrency']}, "
+        f"{desc}, model {stats['model']} on {stats['device']}",
+        f"latency ms: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}  "
+        f"| server inference p50 {stats['server_inference_ms_p50']} ms "
+        f"| {stats['throughput_rps']} req/s over {stats['wall_s']} s",
+    ])
     return 0 if stats["errors"] == 0 else 1
+
+
+def _report(stats: dict, as_json: bool, lines: list[str]) -> None:
+    """One JSON line, or the summary lines and the sampled errors."""
+    if as_json:
+        print(json.dumps(stats))
+        return
+    for line in lines:
+        print(line)
+    for e in stats["error_samples"]:
+        print("  error:", e)
 
 
 def _soak_main(a: argparse.Namespace) -> int:
@@ -361,17 +369,14 @@ def _soak_main(a: argparse.Namespace) -> int:
         stats = run_soak(url, images, pid, a.requests, a.concurrency, a.warmup, a.score_thr,
                          deadline_s=a.max_minutes * 60.0)
     stats.update({"sizes": [f"{h}x{w}" for h, w in sizes], "weights": str(a.weights), "max_growth_pct": a.max_growth})
-    if a.json:
-        print(json.dumps(stats))
-    else:
-        r = stats["rss_mb"]
-        print(f"soak: {stats['ok']}/{stats['requests']} ok, {stats['errors']} errors, {stats['not_sent']} not sent, "
-              f"concurrency {stats['concurrency']}, sizes {','.join(stats['sizes'])}, {stats['wall_s']} s")
-        print(f"server RSS MiB: start {r['start']}, after {a.warmup} requests {r[f'after_{a.warmup}']}, "
-              f"end {r['end']} ({stats['growth_pct']:+.1f}%), peak {r['peak']}; "
-              f"latency p50 {stats['latency_ms']['p50']} ms, p95 {stats['latency_ms']['p95']} ms")
-        for e in stats["error_samples"]:
-            print("  error:", e)
+    r, growth = stats["rss_mb"], stats["growth_pct"]
+    _report(stats, a.json, [
+        f"soak: {stats['ok']}/{stats['requests']} ok, {stats['errors']} errors, {stats['not_sent']} not sent, "
+        f"concurrency {stats['concurrency']}, sizes {','.join(stats['sizes'])}, {stats['wall_s']} s",
+        f"server RSS MiB: start {r['start']}, after {a.warmup} requests {r.get(f'after_{a.warmup}')}, "
+        f"end {r['end']} ({'n/a' if growth is None else f'{growth:+.1f}%'}), peak {r['peak']}; "
+        f"latency p50 {stats['latency_ms']['p50']} ms, p95 {stats['latency_ms']['p95']} ms",
+    ])
     grew = stats["growth_pct"] is None or stats["growth_pct"] > a.max_growth
     return 0 if stats["errors"] == 0 and stats["not_sent"] == 0 and not grew else 1
 
