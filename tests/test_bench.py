@@ -13,8 +13,9 @@ import torch
 
 from comask import cli
 from comask.bench.accuracy import COLUMNS, format_table, format_tables
-from comask.bench.speed import _timed, check_device, format_report, parse_size
+from comask.bench.speed import _timed, check_device, format_report
 from comask.config import ConfigError
+from comask.engine.runtime import parse_size
 from comask.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,8 @@ def test_gpu_report_has_fps_and_gpu_memory_columns() -> None:
 def test_parse_size() -> None:
     assert parse_size("800x1216") == (800, 1216)
     assert parse_size("128") == (128, 128)
-    for bad in ("800x", "axb", "16x16", "1x2x3"):
+    assert parse_size((64, 96)) == (64, 96) and parse_size(None) is None
+    for bad in ("800x", "axb", "8x8", "1x2x3", "64by64", "9000x64"):
         with pytest.raises(ConfigError):
             parse_size(bad)
 

@@ -24,8 +24,8 @@ from PIL import Image
 
 from comask.cli import main
 from comask.engine.checkpoint import load_checkpoint, save_checkpoint
+from comask.engine.runtime import parse_size
 from comask.errors import CheckpointError, UserError
-from comask.export.common import parse_size
 from comask.export.ort import OnnxBackend, onnx_predictor
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torchvision.ops import MultiScaleRoIAlign
 
 from comask.config import load_config
-from comask.modeling.collab_head import CollaborativeHead, gn_groups
+from comask.modeling.backbone import gn_groups
+from comask.modeling.collab_head import CollaborativeHead
 from comask.modeling.heads import FPNRoIAlign
 from comask.modeling.roi_heads import CoMaskRoIHeads, build_comask_roi_heads
 

@@ -19,8 +19,9 @@ from comask.bench.accuracy import (
     run_training_table,
     select_models,
 )
-from comask.bench.speed import format_report, parse_size, run_speed
+from comask.bench.speed import format_report, run_speed
 from comask.config import ConfigError, load_config
+from comask.engine.runtime import parse_size
 
 DEFAULT_SPEED_PAIR = ("comask_r50_mfpn_2x_coco", "maskrcnn_r50_fpn_2x_coco")
 DEFAULT_TRAIN_PAIR = ("comask_r18_mfpn_shapes", "maskrcnn_r18_fpn_shapes")

@@ -67,19 +67,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'800x1216' -> (800, 1216); a single number means a square."""
-    try:
-        parts = [int(p) for p in str(text).lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 32:
-        raise ConfigError(f"--size must be HxW with both sides >= 32 (e.g. 800x1216), got {text!r}")
-    return parts[0], parts[1]
-
-
 def _peak_rss_mb() -> float:
     # ru_maxrss is in KiB on Linux (bytes on macOS)
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -19,6 +19,25 @@ import torch
 from comask.config import ConfigError
 from comask.errors import UserError
 
+
+def parse_size(size: str | tuple[int, int] | list[int] | None, flag: str = "--size") -> tuple[int, int] | None:
+    """'HxW', one number for a square, or (H, W) -> (H, W), each side 16..8192 pixels; None stays None.
+    A one-line ConfigError (a UserError) naming `flag` otherwise. Used by export, bench and the load test."""
+    if size is None:
+        return None
+    if isinstance(size, (tuple, list)):
+        parts = [str(v) for v in size]
+    else:
+        parts = str(size).strip().lower().split("x")
+        parts = parts * 2 if len(parts) == 1 else parts
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"{flag} must be HxW in pixels (or one number for a square), e.g. 512x512; got {size!r}")
+    h, w = (int(p) for p in parts)
+    if not (16 <= h <= 8192 and 16 <= w <= 8192):
+        raise ConfigError(f"{flag} {h}x{w}: height and width must be within 16..8192 pixels")
+    return h, w
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

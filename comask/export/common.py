@@ -10,13 +10,11 @@ pre- or post-processing beyond what `comask.engine.predict` does for the PyTorch
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from comask.errors import UserError
 from comask.modeling.roi_heads import CoMaskRoIHeads
 
 OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
@@ -45,22 +43,6 @@ def onnx_friendly(model: nn.Module) -> nn.Module:
     if isinstance(heads, CoMaskRoIHeads):
         heads.pad_rois = True
     return model
-
-
-def parse_size(size: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """'HxW' (or (H, W)) -> (H, W); None stays None. UserError on anything else."""
-    if size is None:
-        return None
-    if isinstance(size, (tuple, list)):
-        h, w = (int(v) for v in size)
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(size))
-        if not m:
-            raise UserError(f"--size must be HxW in pixels, e.g. 512x512; got {size!r}")
-        h, w = int(m.group(1)), int(m.group(2))
-    if not (16 <= h <= 8192 and 16 <= w <= 8192):
-        raise UserError(f"--size {h}x{w}: height and width must be within 16..8192 pixels")
-    return h, w
 
 
 def default_size(cfg: Any) -> tuple[int, int]:

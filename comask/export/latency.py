@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from comask.export.common import example_image, parse_size
+from comask.engine.runtime import parse_size
+from comask.export.common import example_image
 
 
 def measure(weights: str, onnx_path: str, size: str, repeats: int = 5, threads: int | None = None) -> dict:

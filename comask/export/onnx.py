@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from comask.engine.runtime import parse_size
 from comask.errors import UserError
 from comask.export.common import (
     INPUT_NAME,
@@ -29,7 +30,6 @@ from comask.export.common import (
     example_image,
     metadata,
     onnx_friendly,
-    parse_size,
 )
 
 OPSET = 17

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from comask.export.common import InferenceModule, default_size, example_image, parse_size
+from comask.engine.runtime import parse_size
+from comask.export.common import InferenceModule, default_size, example_image
 
 
 def export_torchscript(weights: str | Path, out: str | Path, config: str | Path | None = None,

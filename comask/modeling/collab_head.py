@@ -35,18 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from comask.modeling.backbone import gn_groups
+
 # distances in RoI units: 8 is far beyond any box an RoI matched at IoU >= 0.5 can have; 1e-3 keeps exp from
 # underflowing to an empty box
 _LOG_MAX_OFFSET = math.log(8.0)
 _LOG_MIN_OFFSET = math.log(1e-3)
-
-
-def gn_groups(channels: int, max_groups: int = 32) -> int:
-    """GroupNorm groups: 32 for 256 channels, fewer (>= 4 channels each) for narrow CPU heads."""
-    g = max(1, min(max_groups, channels // 4))
-    while channels % g:
-        g -= 1
-    return g
 
 
 def _conv_gn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from comask.engine.runtime import parse_size
+
 
 def synthetic_image(height: int = 128, width: int = 128, seed: int = 0) -> np.ndarray:
     """A few filled shapes on a soft gradient: something a shapes model can find, made without files."""
@@ -283,11 +285,6 @@ def soak_images(sizes: list[tuple[int, int]], variants: int = 3) -> list[bytes]:
             for k, (h, w) in enumerate(sizes)]
 
 
-def _parse_size(s: str) -> tuple[int, int]:
-    h, _, w = s.lower().partition("x")
-    return int(h), int(w or h)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m comask.serve.loadtest", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -316,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         image = Path(a.image).read_bytes()
         desc = a.image
     else:
-        h, w = _parse_size(a.size)
+        h, w = parse_size(a.size)
         image = png_bytes(synthetic_image(h, w))
         desc = f"synthetic {h}x{w} PNG"
 
@@ -363,7 +360,7 @@ def _soak_main(a: argparse.Namespace) -> int:
     if not a.weights:
         print("--soak needs --weights (the server is started in its own process)", file=sys.stderr)
         return 2
-    sizes = [_parse_size(s) for s in a.sizes.split(",") if s.strip()]
+    sizes = [parse_size(s, "--sizes") for s in a.sizes.split(",") if s.strip()]
     images = soak_images(sizes)
     with server_process(a.weights, a.device) as (url, pid):
         stats = run_soak(url, images, pid, a.requests, a.concurrency, a.warmup, a.score_thr,
