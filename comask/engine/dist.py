@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from comask.data.sampler import dist_info
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -27,12 +29,13 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+# the data layer's query (the samplers shard with it), so rank and world have one source
 def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+    return dist_info()[0]
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+    return dist_info()[1]
 
 
 def get_local_rank() -> int:
