@@ -373,26 +373,44 @@ def scan_coco(
     `allow_outside_paths`, which turns it into a warning.
     """
     global_problems: list[Problem] = []
-    image_problems: dict[Any, list[Problem]] = {}
+    cats = _scan_categories(data["categories"], global_problems)
+    images, invalid_ids, image_problems = _scan_images(data["images"], allow_outside_paths)
+    file_sizes: dict[int, tuple[int, int]] = {}
+    if check_files and image_dir is not None:
+        file_sizes = _probe_files(images, Path(image_dir), max_pixels, decode, workers, image_problems)
+    anns, num_crowd = _scan_annotations(data["annotations"], images, invalid_ids, cats)
+    return ScanResult(
+        num_images=len(data["images"]), num_annotations=len(data["annotations"]), num_crowd=num_crowd,
+        images=list(images.values()), categories=[cats[k] for k in sorted(cats)], anns=anns,
+        image_problems=image_problems, global_problems=global_problems, file_sizes=file_sizes,
+    )
 
+
+def _scan_categories(entries: list, problems: list[Problem]) -> dict[int, dict]:
+    """Valid categories by id; bad or duplicate entries are reported into `problems`."""
     cats: dict[int, dict] = {}
-    for i, c in enumerate(data["categories"]):
+    for i, c in enumerate(entries):
         cid = _as_int(c.get("id")) if isinstance(c, dict) else None
         if cid is None or not isinstance(c.get("name"), str):
-            global_problems.append(Problem("error", "bad_category_entry",
+            problems.append(Problem("error", "bad_category_entry",
                                            f"categories[{i}]: needs an integer 'id' and a string 'name', got {c!r:.80}",
                                            "fix the categories list"))
         elif cid in cats:
-            global_problems.append(Problem("error", "duplicate_category_id",
+            problems.append(Problem("error", "duplicate_category_id",
                                            f"categories[{i}]: category id {cid} appears twice",
                                            "give every category a unique id"))
         else:
             cats[cid] = {"id": cid, "name": c["name"]}
+    return cats
 
+
+def _scan_images(entries: list, allow_outside_paths: bool) -> tuple[dict[int, dict], set[int], dict[Any, list[Problem]]]:
+    """Usable image entries by id, the ids of entries reported as bad, and the problems per image."""
+    image_problems: dict[Any, list[Problem]] = {}
     images: dict[int, dict] = {}
     invalid_ids: set[int] = set()  # ids of image entries that are themselves reported as bad
     seen_files: dict[str, int] = {}
-    for i, im in enumerate(data["images"]):
+    for i, im in enumerate(entries):
         if not isinstance(im, dict):
             image_problems.setdefault(f"#{i}", []).append(Problem(
                 "error", "bad_image_entry", f"images[{i}]: must be an object, got {type(im).__name__}",
@@ -434,41 +452,50 @@ def scan_coco(
                 "remove the duplicate entry", image_id=iid, file=fn))
         seen_files.setdefault(fn, iid)
         images[iid] = {"id": iid, "file_name": fn, "height": h, "width": w}
+    return images, invalid_ids, image_problems
 
+
+def _probe_files(images: dict[int, dict], root: Path, max_pixels: int, decode: bool, workers: int,
+                 image_problems: dict[Any, list[Problem]]) -> dict[int, tuple[int, int]]:
+    """Read every image header (in threads): the files' true sizes by id; unreadable, missing, too large or
+    mis-sized files are reported into `image_problems`."""
     file_sizes: dict[int, tuple[int, int]] = {}
-    if check_files and image_dir is not None:
-        root = Path(image_dir)
-        ids = list(images)
-        with ThreadPoolExecutor(max(1, workers)) as ex:
-            results = list(ex.map(lambda iid: _probe(root / images[iid]["file_name"], max_pixels, decode), ids))
-        for iid, r in zip(ids, results):
-            im = images[iid]
-            fn = im["file_name"]
-            if isinstance(r, ImageFileError):
-                fix = {"missing_file": "put the file in the image folder or remove the image entry",
-                       "image_too_large": "downscale or tile the image (and its annotations)"}.get(
-                    r.kind, "re-copy or re-encode the file, or remove the image entry")
-                image_problems.setdefault(iid, []).append(Problem(
-                    "error", r.kind, f"image {iid} ({fn}): {str(r).split(': ', 1)[-1]}", fix, image_id=iid, file=fn))
-                continue
-            file_sizes[iid] = (r.height, r.width)
-            if (r.height, r.width) != (im["height"], im["width"]):
-                exif = " (the file's EXIF orientation rotates it)" if (r.raw_height, r.raw_width) != (
-                    r.height, r.width) else ""
-                image_problems.setdefault(iid, []).append(Problem(
-                    "error", "size_mismatch",
-                    f"image {iid} ({fn}): stored size {im['width']}x{im['height']} but the file is "
-                    f"{r.width}x{r.height}{exif}", "fix width/height in the JSON (and check the annotations)",
-                    image_id=iid, file=fn))
-            if min(r.width, r.height) < 4:
-                image_problems.setdefault(iid, []).append(Problem(
-                    "warning", "tiny_image", f"image {iid} ({fn}): only {r.width}x{r.height} pixels",
-                    "check the file; such images carry no usable objects", image_id=iid, file=fn))
+    ids = list(images)
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        results = list(ex.map(lambda iid: _probe(root / images[iid]["file_name"], max_pixels, decode), ids))
+    for iid, r in zip(ids, results):
+        im = images[iid]
+        fn = im["file_name"]
+        if isinstance(r, ImageFileError):
+            fix = {"missing_file": "put the file in the image folder or remove the image entry",
+                   "image_too_large": "downscale or tile the image (and its annotations)"}.get(
+                r.kind, "re-copy or re-encode the file, or remove the image entry")
+            image_problems.setdefault(iid, []).append(Problem(
+                "error", r.kind, f"image {iid} ({fn}): {str(r).split(': ', 1)[-1]}", fix, image_id=iid, file=fn))
+            continue
+        file_sizes[iid] = (r.height, r.width)
+        if (r.height, r.width) != (im["height"], im["width"]):
+            exif = " (the file's EXIF orientation rotates it)" if (r.raw_height, r.raw_width) != (
+                r.height, r.width) else ""
+            image_problems.setdefault(iid, []).append(Problem(
+                "error", "size_mismatch",
+                f"image {iid} ({fn}): stored size {im['width']}x{im['height']} but the file is "
+                f"{r.width}x{r.height}{exif}", "fix width/height in the JSON (and check the annotations)",
+                image_id=iid, file=fn))
+        if min(r.width, r.height) < 4:
+            image_problems.setdefault(iid, []).append(Problem(
+                "warning", "tiny_image", f"image {iid} ({fn}): only {r.width}x{r.height} pixels",
+                "check the file; such images carry no usable objects", image_id=iid, file=fn))
+    return file_sizes
 
+
+def _scan_annotations(entries: list, images: dict[int, dict], invalid_ids: set[int],
+                      cats: dict[int, dict]) -> tuple[list[AnnInfo], int]:
+    """One AnnInfo per annotation entry (its checked box and segmentation, or its problems) and the crowd count."""
     anns: list[AnnInfo] = []
     seen_ann: set[Any] = set()
     num_crowd = 0
-    for i, a in enumerate(data["annotations"]):
+    for i, a in enumerate(entries):
         if not isinstance(a, dict):
             info = AnnInfo(i, None, None, None, False)
             info.problems.append(Problem("error", "bad_annotation_entry",
@@ -519,12 +546,7 @@ def scan_coco(
         else:
             info.segm, probs = _check_rle(segm, iid, aid, hw)
         info.problems.extend(probs)
-
-    return ScanResult(
-        num_images=len(data["images"]), num_annotations=len(data["annotations"]), num_crowd=num_crowd,
-        images=list(images.values()), categories=[cats[k] for k in sorted(cats)], anns=anns,
-        image_problems=image_problems, global_problems=global_problems, file_sizes=file_sizes,
-    )
+    return anns, num_crowd
 
 
 class _PickledList:
