@@ -50,9 +50,12 @@ def build_dataset(cfg: Any, split: str = "train", *, train: bool | None = None, 
 
 
 def build_train_loader(
-    cfg: Any, dataset: torch.utils.data.Dataset, *, distributed: bool = False, seed: int = 0
+    cfg: Any, dataset: torch.utils.data.Dataset, *, distributed: bool = False, seed: int = 0, start_iter: int = 0
 ) -> torch.utils.data.DataLoader:
-    """Infinite loader of aspect-grouped batches of ims_per_batch // world_size images per rank."""
+    """Infinite loader of aspect-grouped batches of ims_per_batch // world_size images per rank.
+
+    The batch sequence is a function of `seed`; `start_iter` starts it at that batch (a resumed run)
+    without loading the images of the earlier ones."""
     rank, world = dist_info(distributed)
     ims = int(cfg.schedule.ims_per_batch)
     if ims % world or ims < world:
@@ -63,7 +66,8 @@ def build_train_loader(
         groups = dataset.aspect_groups()
     else:
         groups = [0] * len(dataset)
-    sampler = GroupedInfiniteBatchSampler(groups, batch, seed=seed, rank=rank, world_size=world)
+    sampler = GroupedInfiniteBatchSampler(groups, batch, seed=seed, rank=rank, world_size=world,
+                                          start_iter=start_iter)
     workers = int(cfg.data.get("num_workers", 0) or 0)
     return torch.utils.data.DataLoader(
         dataset,

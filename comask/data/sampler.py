@@ -4,6 +4,8 @@ Training: every "epoch" is a permutation of all indices drawn from `seed + epoch
 ranks); rank r takes positions r, r + world, r + 2*world, ... so ranks see disjoint shards of each
 epoch. Indices are then bucketed by aspect group (w >= h, w < h) and a batch is emitted whenever a
 bucket holds `batch_size` indices, so every batch has a single orientation (less padding).
+`start_iter` starts the stream at that batch of the same sequence (a resumed run): the earlier
+batches are formed from indices only and dropped, so no data is loaded for them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class GroupedInfiniteBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        start_iter: int = 0,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -40,10 +43,13 @@ class GroupedInfiniteBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if len(group_ids) == 0:
             raise ValueError("cannot sample batches from an empty data set")
+        if start_iter < 0:
+            raise ValueError(f"start_iter must be >= 0, got {start_iter}")
         self.group_ids = torch.as_tensor(list(group_ids), dtype=torch.int64)
         self.batch_size = batch_size
         self.seed, self.shuffle = seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.start_iter = int(start_iter)
 
     def indices(self) -> Iterator[int]:
         """This rank's infinite index stream (before grouping)."""
@@ -61,11 +67,16 @@ class GroupedInfiniteBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         buckets: dict[int, list[int]] = {}
+        groups = self.group_ids.tolist()
+        skip = self.start_iter  # the batches before start_iter: formed (the buckets carry over), not yielded
         for idx in self.indices():
-            b = buckets.setdefault(int(self.group_ids[idx]), [])
+            b = buckets.setdefault(groups[idx], [])
             b.append(idx)
             if len(b) == self.batch_size:
-                yield list(b)
+                if skip:
+                    skip -= 1
+                else:
+                    yield list(b)
                 b.clear()
 
 
