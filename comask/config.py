@@ -196,12 +196,12 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
 # Keys added after checkpoints were first written, with the value a checkpoint without them gets: its stored
 # config then still builds a model, and `--opts` can still set them.
 _ADDED_KEYS: dict[str, Any] = {
-    "model.msfem.placement": "after_fpn",  # 2026-11-23: the layout such checkpoints were trained with
-    "model.collab_head.mask_skip": False,  # 2026-12-01: trained without the skip conv
-    "model.test.nms_after_vote": True,  # 2026-12-01: NMS again on CoMask's voted boxes (test time only)
-    "model.msfem.fusion_init": "kaiming",  # 2026-12-03: initialisation only, the loaded weights replace it
-    "data.allow_outside_paths": False,  # 2026-12-04: file_names leaving the image folder are refused
-    "data.test": None,  # 2026-12-04: the held-out test split (issue 23); older checkpoints name none
+    "model.msfem.placement": "after_fpn",  # the layout older checkpoints were trained with
+    "model.collab_head.mask_skip": False,  # older checkpoints were trained without the skip conv
+    "model.test.nms_after_vote": True,  # NMS again on CoMask's voted boxes (test time only)
+    "model.msfem.fusion_init": "kaiming",  # initialisation only, the loaded weights replace it
+    "data.allow_outside_paths": False,  # file_names leaving the image folder are refused
+    "data.test": None,  # the held-out test split; older checkpoints name none
 }
 
 

@@ -1,6 +1,6 @@
 """`comask demo`: synthetic data -> train a CPU-sized CoMask for a time budget -> eval -> overlays.
 
-Two routes (issue 8). The default fine-tunes the MobileNetV3-Large CoMask from the checkpoint shipped in
+Two routes. The default fine-tunes the MobileNetV3-Large CoMask from the checkpoint shipped in
 the package (comask/assets/comask_mnv3_shapes_demo.pth, which this project trained on the demo generator
 with another seed; docs/PRETRAINED.md has the commands that rebuild it, in four stages). `--from-scratch`
 trains the ResNet-18 demo model from random weights instead, for comparison: in 15 CPU minutes it stays far

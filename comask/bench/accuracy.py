@@ -10,7 +10,7 @@ config resolves to now: model, input, data (but `data.test`) and schedule sectio
 when the run starts).
 
 Each final model is scored on `data.val` (the split choices are made on) and, when the config has one, on the
-held-out `data.test` (the split numbers are reported on; issue 23, docs/BENCHMARKS.md "Protocol"): that
+held-out `data.test` (the split numbers are reported on; docs/BENCHMARKS.md "Protocol"): that
 evaluation goes to RUN/test_<digest>/ and is read back on the next call.
 """
 
@@ -43,7 +43,7 @@ ABLATION_MODELS: list[tuple[str, str, list[str]]] = [
     ("comask_B2", "comask_r18_mfpn_shapes", ["model.msfem.branches=2"]),
     ("comask_B4", "comask_r18_mfpn_shapes", []),
     ("comask_B4_woCL", "comask_r18_mfpn_shapes", ["model.collab_head.collaborative=false"]),
-    # not in the paper: the CPU configs' 14x14 skip into the mask branch switched off (METHOD.md's head)
+    # not in the paper: the CPU configs' 14x14 skip into the mask branch switched off (the paper's head)
     ("comask_B4_noskip", "comask_r18_mfpn_shapes", ["model.collab_head.mask_skip=false"]),
     # not in the paper's tables: MSFEM's output as the paper's eq. 7 writes it, F_o = conv3x3(F_f * V2), and as
     # the authors' code has it, ReLU(y + GN(conv3x3(y))); on a config that already has that form the row is B4

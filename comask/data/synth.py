@@ -79,7 +79,7 @@ def category_id(name: str) -> int:
 # one object with area in `large_area` (fractions of size^2; one at most, two would bury each other),
 # `aspect_ratios` image width/height choices (the shorter side is always `size`).
 #
-# shapes-bench (issue 4's benchmark): shorter side 160 px.  ENVIRONMENT.md measured 128-192 px as
+# shapes-bench (the accuracy benchmark): shorter side 160 px.  ENVIRONMENT.md measured 128-192 px as
 #   the practical range for CPU training and that 192 -> 128 px saves only ~1.36x per iteration,
 #   while COCO's "large" range needs VISIBLE objects > 96^2 px = 36% of a 160^2 image (56% of 128^2,
 #   where only a few shapes can reach it); 160 px keeps all three ranges populated with normal
@@ -88,7 +88,7 @@ def category_id(name: str) -> int:
 #   200 validation images hold ~2000 instances (1109 small, 723 medium, 138 large), enough for
 #   stable AP / APs / APm / APl, and evaluate in about a minute on the CPU.  Model choices (options,
 #   test size, thresholds, schedules) are made on val; the reported numbers are on the 500 held-out
-#   `test` images (issue 23), drawn by the same generator from their own seed (`test_seed`), which no
+#   `test` images, drawn by the same generator from their own seed (`test_seed`), which no
 #   choice has seen.
 # demo (`comask demo`, 15 minutes on 2 cores): same generator, clutter and occlusion on, but 128 px
 #   square images, 4 classes (circle, triangle, star, ring: round, angular, spiky and holed), 1-10

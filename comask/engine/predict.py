@@ -76,7 +76,7 @@ class TorchBackend:
 
     With a model that has comask's `predict(images, score_thr=, max_det=, mask_thr=)` (both of comask's
     detectors), detections are trimmed on the device before their masks are pasted, as bool masks: memory
-    per image grows with the detections kept, not with the RoI heads' 100 (issue 24: 100 float masks of a
+    per image grows with the detections kept, not with the RoI heads' 100 (100 float masks of a
     36-megapixel image are 14 GB). Any other torchvision-style model runs through its forward.
     """
 

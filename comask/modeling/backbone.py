@@ -108,7 +108,8 @@ def freeze_mobilenet_stages(features: nn.Sequential, stage_ends: list[int], froz
     the stride-4 output), converting their BatchNorms to FrozenBatchNorm2d as freeze_stages does for a ResNet.
 
     The early, high-resolution layers are the costliest part of the backward pass; a body that is already
-    trained on the data gains little from updating them (docs/BENCHMARKS.md, "Frozen early body")."""
+    trained on the data gains little from updating them (docs/BENCHMARKS.md, tuning table: frozen early
+    body)."""
     if not 0 <= frozen_stages <= len(stage_ends):
         raise ValueError(f"model.backbone.frozen_stages must be in 0..{len(stage_ends)}, got {frozen_stages!r}")
     if frozen_stages == 0:

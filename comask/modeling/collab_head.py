@@ -1,9 +1,9 @@
-"""The collaborative head network (CoMask paper sec. 3.2; METHOD.md section 3).
+"""The collaborative head network (CoMask paper sec. 3.2; docs/DESIGN.md).
 
 14x14 RoI features -> 3x3 conv stride 2 (14 -> 7) -> `num_convs` x (3x3 conv, GN, ReLU) = X;
-X -> 3x3 conv -> 4 channels -> exp: dense (l, t, r, b) offsets at 7x7 (METHOD.md says ReLU; see below);
+X -> 3x3 conv -> 4 channels -> exp: dense (l, t, r, b) offsets at 7x7 (the paper says ReLU; see below);
 X -> 2 x (deconv 2x2 stride 2, GN, ReLU) -> 3x3 conv -> C+1 coarse mask logits at 28x28; with `mask_skip` (not
-in METHOD.md; on in the CPU configs) a zero-initialised 1x1 conv of the 14x14 input is added to the first
+in the paper; on in the CPU configs) a zero-initialised 1x1 conv of the 14x14 input is added to the first
 deconv's output.
 
 The stride-2 conv also has GN + ReLU, as in the D2Det head the authors built on. Only one class's
@@ -11,19 +11,15 @@ mask is ever used per RoI (the ground-truth class in training, the predicted cla
 last conv is evaluated for that class alone instead of for all C+1 channels: at 81 classes the full
 conv (and its backward) would otherwise be the most expensive layer of the head.
 
-Two choices differ from METHOD.md / the first version, measured on tests/test_model_overfit.py's
-4-image set (lr 0.02, batch 4, clip 35, OMP_NUM_THREADS=1; issue 3):
-- Offsets are exp(conv) (clamped at 8 RoI units, the gradient passed through the clamp), not ReLU(conv). With ReLU, one large step at lr 0.02
-  pushed all four distances of the cells below 0: the IoU became 0, -log IoU hit its clamp (13.8) with a
-  zero gradient, and the offsets stayed dead (loss_offset 1.6 -> 14.0 by iteration 25, gradient norm 1229
-  at iteration 10, mask BCE back to 0.69, AP 0.0 after 40 iterations). With exp, -log IoU is, per side, the
-  absolute difference of log distances, so its gradient w.r.t. the conv output is bounded by 1: no spike
-  (gradient norm <= 27), loss_offset 1.7 -> 0.8 after 120 iterations, AP 0.30-0.38 (was 0.16-0.25).
-  FCOS predicts its distances through exp for the same reason.
+Two choices differ from the paper / the first version, measured on the 4-image overfit set of
+tests/test_model_overfit.py:
+- Offsets are exp(conv) (clamped at 8 RoI units, the gradient passed through the clamp), not ReLU(conv):
+  with ReLU one large step could push all four distances of a cell below 0, so that -log IoU sat at its
+  clamp with a zero gradient and the offsets stayed dead. With exp, -log IoU is, per side, the absolute
+  difference of log distances, so its gradient w.r.t. the conv output is bounded by 1 (FCOS uses exp for
+  the same reason). docs/DESIGN.md, "Offsets and their loss".
 - The mask logits conv is initialised like torchvision's / mmdetection's mask predictor (Kaiming normal,
-  fan_out), not N(0, 1e-3): a 1e-3 readout scaled every gradient reaching the tower down ~20x (tower
-  weights moved 2% of their norm per step vs 12% in the Mask R-CNN head); with it, the collaborative
-  tower's gradient norm rises from ~0.3-0.8 to ~2-5.
+  fan_out), not N(0, 1e-3): a 1e-3 readout scaled every gradient reaching the tower down ~20x.
 """
 
 from __future__ import annotations
@@ -78,8 +74,8 @@ class CollaborativeHead(nn.Module):
         )
         self.mask_pred = nn.Conv2d(conv_dim, num_classes + 1, 3, padding=1)
         # A 1x1 projection of the 14x14 RoI features, added to the first deconv's 14x14 output (a U-Net style
-        # skip). Without it the mask only sees the 7x7 tower. docs/BENCHMARKS.md, "Mask branch" and "The 14x14 skip,
-        # zero-initialised": shapes-bench mask AP 26.1 -> 27.5, APl 27.0 -> 34.9 (2 seeds).
+        # skip). Without it the mask only sees the 7x7 tower; measured on shapes-bench in docs/BENCHMARKS.md,
+        # tuning table (14x14 mask skip).
         self.mask_skip = nn.Conv2d(in_channels, conv_dim, 1, bias=False) if mask_skip else None
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -93,9 +89,10 @@ class CollaborativeHead(nn.Module):
         nn.init.constant_(self.offset_pred.bias, math.log(0.5))
         # mask_pred keeps the Kaiming init of the loop above (see the module docstring)
         if self.mask_skip is not None:
-            # Zero: the head starts as METHOD.md's (mask from the 7x7 tower alone) and the skip grows in as the
-            # mask loss asks for it. Kaiming-initialised (so, we read it, leaning on the raw 14x14 features from step
-            # 0), shapes-bench mask APl rose but APs and AP fell (docs/BENCHMARKS.md, "The 14x14 skip, zero-initialised").
+            # Zero: the head starts as the paper's (mask from the 7x7 tower alone) and the skip grows in
+            # as the mask loss asks for it. Kaiming-initialised (leaning, as we read it, on the raw 14x14
+            # features from step 0), shapes-bench mask APl rose but APs and AP fell (docs/BENCHMARKS.md,
+            # tuning table).
             nn.init.zeros_(self.mask_skip.weight)
 
     def features(self, x: Tensor) -> HeadFeatures:
@@ -147,5 +144,5 @@ def fg_confidence(mask_logits: Tensor, grid: int = 7) -> Tensor:
         return F.adaptive_avg_pool2d(p, grid)
     # The same average as adaptive pooling when the size is a multiple of the grid (28 = 4 x 7), written
     # as reshape + mean because the ONNX exporter cannot export adaptive pooling of a map whose traced
-    # size it does not know (export: issue 6).
+    # size it does not know.
     return p.reshape(n, c, grid, h // grid, grid, w // grid).mean(dim=(3, 5))

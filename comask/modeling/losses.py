@@ -1,4 +1,4 @@
-"""Losses of CoMask's RoI stage (METHOD.md section 4).
+"""Losses of CoMask's RoI stage (docs/DESIGN.md, "Model").
 
 All losses stay attached to the graph (value 0) when there is nothing to learn from, e.g. a batch of
 negative images: DDP without `find_unused_parameters` needs every parameter in every backward.

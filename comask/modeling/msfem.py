@@ -1,4 +1,4 @@
-"""MSFEM (paper sec. 3.1, METHOD.md sec. 2) and its two placements in the feature pyramid.
+"""MSFEM (paper sec. 3.1; docs/DESIGN.md, "Model") and its two placements in the feature pyramid.
 
 - `in_fpn` (`msfem_in_fpn`, the authors' code): the MSFEM replaces the FPN's 3x3 output conv on
   P2..P5, its own 3x3 conv doing that conv's job; P6 is the stride-2 max-pool of the MSFEM'd P5.

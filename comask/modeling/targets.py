@@ -1,4 +1,4 @@
-"""Training targets of CoMask's RoI stage (METHOD.md section 4).
+"""Training targets of CoMask's RoI stage (docs/DESIGN.md, "Model").
 
 - Classification: proposals (+ the ground-truth boxes) matched to ground truth by IoU and sampled
   with torchvision's `Matcher` / `BalancedPositiveNegativeSampler`; label 0 = background.
