@@ -112,8 +112,12 @@ class NaNAt(nn.Module):
             self.calls += 1
             if self.calls == self.at:
                 out = dict(out)
-                out["loss_mask"] = out["loss_mask"] * float("nan")
+                out["loss_mask"] = self.poison(out["loss_mask"])
         return out
+
+    @staticmethod
+    def poison(loss):
+        return loss * float("nan")
 
 
 class _NaNGrad(torch.autograd.Function):
@@ -130,14 +134,9 @@ class NaNGradAt(NaNAt):
     """The `at`-th training forward returns finite losses whose loss_mask gradient is NaN (an overflow in
     backward, as oneDNN's bf16 convolution produced on one-pixel-wide maps)."""
 
-    def forward(self, images, targets=None):
-        out = self.inner(images, targets)
-        if self.training:
-            self.calls += 1
-            if self.calls == self.at:
-                out = dict(out)
-                out["loss_mask"] = _NaNGrad.apply(out["loss_mask"])
-        return out
+    @staticmethod
+    def poison(loss):
+        return _NaNGrad.apply(loss)
 
 
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
