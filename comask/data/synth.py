@@ -321,6 +321,25 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLITS[split], int(index)]))
 
 
+def _keep_visible(shapes: list[dict], h: int, w: int) -> list[dict]:
+    """Visibility from the front: an instance too occluded to recognise is removed from the scene (it does
+    not occlude anything and is not drawn), so every drawn object is annotated. Sets each kept one's "vis"."""
+    covered = np.zeros((h, w), bool)
+    kept = []
+    for sh in reversed(shapes):
+        y0, y1, x0, x1 = sh["box"]
+        cov = covered[y0:y1, x0:x1]
+        vis = sh["m"] & ~cov
+        va = int(np.count_nonzero(vis))
+        if va < MIN_VISIBLE_AREA or va < MIN_VISIBLE_FRAC * sh["u"].size:
+            continue
+        sh["vis"] = vis
+        cov |= sh["m"]
+        kept.append(sh)
+    kept.reverse()
+    return kept
+
+
 def render_image(
     gen: dict[str, Any], size: int, seed: int, split: str, index: int
 ) -> tuple[np.ndarray, list[dict]]:
@@ -388,21 +407,7 @@ def render_image(
         placed[y0:y1, x0:x1] |= m
         shapes.append({"name": name, "m": m, "box": (y0, y1, x0, x1), "u": u[m], "v": v[m]})
 
-    # Visibility from the front: an instance too occluded to recognise is removed from the scene
-    # (it does not occlude anything and is not drawn), so every drawn object is annotated.
-    covered = np.zeros((h, w), bool)
-    kept = []
-    for sh in reversed(shapes):
-        y0, y1, x0, x1 = sh["box"]
-        cov = covered[y0:y1, x0:x1]
-        vis = sh["m"] & ~cov
-        va = int(np.count_nonzero(vis))
-        if va < MIN_VISIBLE_AREA or va < MIN_VISIBLE_FRAC * sh["u"].size:
-            continue
-        sh["vis"] = vis
-        cov |= sh["m"]
-        kept.append(sh)
-    kept.reverse()
+    kept = _keep_visible(shapes, h, w)
 
     for sh in kept:
         y0, y1, x0, x1 = sh["box"]
