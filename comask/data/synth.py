@@ -79,8 +79,8 @@ def category_id(name: str) -> int:
 # one object with area in `large_area` (fractions of size^2; one at most, two would bury each other),
 # `aspect_ratios` image width/height choices (the shorter side is always `size`).
 #
-# shapes-bench (the accuracy benchmark): shorter side 160 px.  ENVIRONMENT.md measured 128-192 px as
-#   the practical range for CPU training and that 192 -> 128 px saves only ~1.36x per iteration,
+# shapes-bench (the accuracy benchmark): shorter side 160 px.  128-192 px is
+#   the practical range for CPU training, and 192 -> 128 px saves only ~1.36x per iteration,
 #   while COCO's "large" range needs VISIBLE objects > 96^2 px = 36% of a 160^2 image (56% of 128^2,
 #   where only a few shapes can reach it); 160 px keeps all three ranges populated with normal
 #   scenes.  All 10 classes, 1-20 instances (about 10 visible per image; COCO has ~7).  2000

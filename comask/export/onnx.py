@@ -1,7 +1,7 @@
 """`comask export onnx`: the whole detector, masks included, as one ONNX graph (opset 17).
 
 Uses the TorchScript-based exporter (`dynamo=False`): the dynamo exporter cannot export the
-data-dependent NMS of the detection heads (../shared/docs/ENVIRONMENT.md). The graph maps one float
+data-dependent NMS of the detection heads. The graph maps one float
 image (3, H, W) in [0, 1] to boxes, labels, scores and pasted masks (N, 1, H, W) in that image's
 pixels (see `comask.export.common`); `comask predict --onnx` runs it through
 `comask.export.ort.OnnxBackend`.
