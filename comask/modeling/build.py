@@ -157,12 +157,11 @@ def build_model(cfg, *, pretrained: bool = True) -> nn.Module:
     backbone = build_backbone(cfg)
     rpn = build_rpn(cfg, backbone.out_channels)
     transform = build_transform(cfg)
+    # check_model_config above has refused any other model.type
     if kind == "comask":
         model = CoMask(backbone, rpn, build_comask_roi_heads(cfg, backbone.out_channels), transform)
-    elif kind == "maskrcnn":
-        model = MaskRCNN(backbone, rpn, build_maskrcnn_roi_heads(cfg, backbone.out_channels), transform)
     else:
-        raise ConfigError(f"model.type must be 'comask' or 'maskrcnn', got {kind!r}")
+        model = MaskRCNN(backbone, rpn, build_maskrcnn_roi_heads(cfg, backbone.out_channels), transform)
     if pretrained:
         norm, frozen = backbone_norm(cfg)
         log.info("backbone: %s %s, norm %s, %s frozen (model.backbone.norm=%s, frozen_stages=%s, weights=%s)",
