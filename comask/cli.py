@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, nargs="*", default=[0])
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--opts", nargs="*", default=[])
+    b.add_argument("--compare-opts", nargs="*", default=[],
+                   help="speed: options for the --compare model only, e.g. --compare CONFIG --compare-opts "
+                        "model.test.fold_bn=false (one config against itself)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--train", action="store_true", help="speed: time a training step instead of inference")
     b.add_argument("--warmup", type=int, default=1, help="speed: untimed runs before the repeats")

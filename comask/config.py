@@ -202,6 +202,7 @@ _ADDED_KEYS: dict[str, Any] = {
     "model.msfem.fusion_init": "kaiming",  # initialisation only, the loaded weights replace it
     "data.allow_outside_paths": False,  # file_names leaving the image folder are refused
     "data.test": None,  # the held-out test split; older checkpoints name none
+    "model.test.fold_bn": True,  # test time only: fold BatchNorm into the convs of an inference model
 }
 
 

@@ -101,6 +101,14 @@ def _load_model(spec: dict[str, Any], cfg: Any) -> torch.nn.Module:
     return model
 
 
+def _inference_model(spec: dict[str, Any], cfg: Any) -> tuple[torch.nn.Module, int]:
+    """The model as `comask predict` runs it: eval mode, BatchNorm folded when `model.test.fold_bn`."""
+    from comask.modeling.fold_bn import fold_batch_norms
+
+    model = _load_model(spec, cfg).eval()
+    return model, (fold_batch_norms(model) if cfg.model.test.fold_bn else 0)
+
+
 def _inference_cfg(spec: dict[str, Any]) -> Any:
     from comask.config import load_config
 
@@ -258,7 +266,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     cpu_times: list[float] = []
     if mode == "inference":
         cfg = _inference_cfg(spec)
-        model = _load_model(spec, cfg).eval().to(device)
+        model, folded = _inference_model(spec, cfg)
+        model = model.to(device)
         eager = compile_static_part(model) if spec.get("compile") else {}
         h, w = spec["size"]
         image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
@@ -333,6 +342,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result["fps_by_batch"] = {str(b): f for b, f in fps_by_batch.items()}
         result["syncs"] = syncs
         result["compiled"] = bool(eager)
+        result["folded_bn"] = folded
     if spec.get("profile"):
         result["profile"] = _profile(flops_fn if mode == "train" else step, int(spec["profile"]))
     return result
@@ -410,7 +420,7 @@ def stage_times(spec: dict[str, Any]) -> dict[str, float]:
     cfg = _inference_cfg(spec)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    model = _load_model(spec, cfg).eval()
+    model, _ = _inference_model(spec, cfg)
     h, w = spec["size"]
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
     acc: dict[str, float] = {}
@@ -518,8 +528,10 @@ def run_speed(
     rounds: int = 1,
     batches: list[int] | None = None,
     compile: bool = False,
+    compare_opts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Measure each config in its own subprocess (A, then B) and compute the A/B ratios.
+    """Measure each config in its own subprocess (A, then B) and compute the A/B ratios. `compare_opts` are
+    added to B's options only, so one config can be measured against itself with one setting changed.
 
     With `rounds` > 1 the models alternate (A, B, A, B, ...), a fresh process each time, and each model's
     statistics pool all its rounds: on a shared machine the load drifts within minutes, and a single A-then-B
@@ -532,12 +544,15 @@ def run_speed(
     runs: list[list[dict[str, Any]]] = [[] for _ in configs]
     for r in range(rounds):
         for i, config in enumerate(configs):
-            spec = {"config": config, "opts": list(opts or []), "weights": weights, "size": list(size),
+            b_only = list(compare_opts or []) if i == 1 else []
+            spec = {"config": config, "opts": list(opts or []) + b_only, "weights": weights, "size": list(size),
                     "threads": threads, "repeats": repeats, "warmup": warmup, "mode": mode,
                     "profile": profile if r == 0 else 0, "device": device, "amp": amp,
                     "batches": list(batches or ([1, 8] if device == "cuda" else [1])), "compile": compile}
             runs[i].append(run_in_subprocess(spec))
     models = [pool_rounds(rs) for rs in runs]
+    for i, m in enumerate(models):
+        m["label"] = m["config"] + (f" ({' '.join(compare_opts)})" if i == 1 and compare_opts else "")
     report: dict[str, Any] = {"models": models}
     if len(models) == 2:
         a, b = models
@@ -574,7 +589,7 @@ def format_report(report: dict[str, Any]) -> str:
         if m["mode"] == "train":
             size += f" x{m['batch']}"
         lines.append(
-            f"| {m['config']} | {size} | {m['threads']} | {lat['median']:.3f} | {lat['min']:.3f} | "
+            f"| {m.get('label', m['config'])} | {size} | {m['threads']} | {lat['median']:.3f} | {lat['min']:.3f} | "
             f"{lat['max']:.3f} | {m['cpu_s']['median']:.3f} | {m['params'] / 1e6:.2f} | {m['gflops']:.1f} | "
             f"{m['peak_rss_mb']:.0f} |"
             + (f" {m['fps']:.2f} | {m['peak_gpu_mb']:.0f} |" if gpu else "")
@@ -582,7 +597,7 @@ def format_report(report: dict[str, Any]) -> str:
     for m in models:
         if m.get("rounds"):
             per_round = ", ".join(f"{t:.3f}" for t in m["round_medians_s"])
-            lines.append(f"{m['config']}: {m['rounds']} alternating rounds, medians {per_round}")
+            lines.append(f"{m.get('label', m['config'])}: {m['rounds']} alternating rounds, medians {per_round}")
     r = report.get("ratio")
     if r:
         lines.append("")
@@ -596,24 +611,24 @@ def format_report(report: dict[str, Any]) -> str:
     if any(m.get("syncs") for m in models):
         batches = sorted({int(b) for m in models for b in m.get("fps_by_batch") or {}})
         per = "kernel launches" if gpu else "aten ops"
-        lines += ["", f"| config | host syncs / image | {per} / image | "
+        lines += ["", f"| model | host syncs / image | {per} / image | "
                   + " | ".join(f"FPS batch {b}" for b in batches) + " |",
                   "|---|---|---|" + "---|" * len(batches)]
         for m in models:
             sy = m.get("syncs") or {}
             fps = m.get("fps_by_batch") or {}
             work = sy.get("launches", sy.get("ops", 0.0))
-            lines.append(f"| {m['config']} | {sy.get('syncs', 0.0):.0f} | {work:.0f} | "
+            lines.append(f"| {m.get('label', m['config'])} | {sy.get('syncs', 0.0):.0f} | {work:.0f} | "
                          + " | ".join(f"{fps[str(b)]:.2f}" if str(b) in fps else "-" for b in batches) + " |")
         for m in models:
             by_op = (m.get("syncs") or {}).get("by_op") or {}
             if by_op:
-                lines.append(f"{m['config']} syncs by operator: "
+                lines.append(f"{m.get('label', m['config'])} syncs by operator: "
                              + ", ".join(f"{k} {v:g}" for k, v in by_op.items()))
     for m in models:
         for row in m.get("profile") or []:
             if row is (m.get("profile") or [None])[0]:
-                lines.append(f"\nprofile of {m['config']} (self CPU time, one call):")
+                lines.append(f"\nprofile of {m.get('label', m['config'])} (self CPU time, one call):")
             lines.append(f"  {row['self_s']:8.3f} s  {row['calls']:6d}x  {row['op']}")
     return "\n".join(lines)
 
