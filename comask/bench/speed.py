@@ -579,7 +579,7 @@ def format_report(report: dict[str, Any]) -> str:
     rate = "steps/s" if what.startswith("train") else "FPS"
     extra = f" {rate} | peak GPU (MB) |" if gpu else ""
     lines += [
-        f"| config | size | threads | {what} median | min | max | CPU (s) median | params (M) | GFLOPs | peak RSS (MB) |"
+        f"| model | size | threads | {what} median | min | max | CPU (s) median | params (M) | GFLOPs | peak RSS (MB) |"
         + extra,
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else ""),
     ]
