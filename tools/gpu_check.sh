@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's GPU check (one GPU, under 6 minutes): inference and training-step speed of the R50 pair, then
+# The project's GPU check (one GPU, under 7 minutes): inference and training-step speed of the R50 pair, the
+# inference speed with and without BatchNorm folding, then
 # 2 minutes of the COCO recipe on coco128 for CoMask and Mask R-CNN in fp32, bf16 and fp16 (six runs side by
 # side on the one GPU), with loss curves, stuck/non-finite loss terms and the final COCO AP.
 #
@@ -53,6 +54,13 @@ for m in d.get("models", []):
     keep = {k: v for k, v in m.items() if not k.endswith("times_s") and k not in ("opts", "cpu_s")}
     print(json.dumps(keep))
 PYEOF
+echo "== BatchNorm folding, CoMask R50, 800x1333, fp16, batch 1: folded (default) against unfolded"
+timeout 120 "$PY" -m comask bench speed --config comask_r50_mfpn_2x_coco --compare comask_r50_mfpn_2x_coco \
+  --compare-opts model.test.fold_bn=false --size 800x1333 --device cuda --amp fp16 --repeats 20 --warmup 5 \
+  --batches 1 --opts model.test.score_thresh=0.0 model.backbone.weights=null 2>>"$OUTDIR/bench.log" \
+  | tee "$OUTDIR/bench_fold.md"
+echo "rc=${PIPESTATUS[0]}"
+
 echo "== training step, R50 pair, fp16"
 timeout 75 "$PY" -m comask bench speed --train --config comask_r50_mfpn_2x_coco --compare maskrcnn_r50_fpn_2x_coco \
   --size 800x1333 --device cuda --amp fp16 --repeats 5 --warmup 2 --json --out "$OUTDIR/bench" \
