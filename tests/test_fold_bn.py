@@ -25,6 +25,13 @@ def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
+def _assert_close_to_scale(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Rounding-level agreement relative to the output's scale: random deep nets reach large values, where an
+    elementwise tolerance would depend on the thread count's summation order."""
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, err
+
+
 def _norms(model: nn.Module) -> int:
     return sum(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in model.modules())
 
@@ -37,7 +44,7 @@ def test_resnet50_frozen_bn_folds_every_norm() -> None:
         ref = model(x)
         assert fold_batch_norms(model) == 53 and _norms(model) == 0
         out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    _assert_close_to_scale(out, ref)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("conv1.weight"))
 
 
@@ -50,7 +57,7 @@ def test_mobilenet_v3_running_stats_bn_folds() -> None:
         ref = model(x)
         assert fold_batch_norms(model) == before > 0 and _norms(model) == 0
         out = model(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    _assert_close_to_scale(out, ref)
 
 
 def test_norm_not_after_a_conv_is_left_alone() -> None:
