@@ -103,10 +103,10 @@ def _load_model(spec: dict[str, Any], cfg: Any) -> torch.nn.Module:
 
 def _inference_model(spec: dict[str, Any], cfg: Any) -> tuple[torch.nn.Module, int]:
     """The model as `comask predict` runs it: eval mode, BatchNorm folded when `model.test.fold_bn`."""
-    from comask.modeling.fold_bn import fold_batch_norms
+    from comask.modeling.fold_bn import fold_for_inference
 
     model = _load_model(spec, cfg).eval()
-    return model, (fold_batch_norms(model) if cfg.model.test.fold_bn else 0)
+    return model, fold_for_inference(model, cfg)
 
 
 def _inference_cfg(spec: dict[str, Any]) -> Any:
@@ -541,6 +541,8 @@ def run_speed(
         raise UserError(f"--rounds must be at least 1, got {rounds}")
     if batches is not None and (not batches or min(batches) < 1):
         raise UserError(f"--batches must list batch sizes >= 1, got {batches}")
+    if compare_opts and len(configs) < 2:
+        raise UserError("--compare-opts needs --compare (the model those options apply to)")
     runs: list[list[dict[str, Any]]] = [[] for _ in configs]
     for r in range(rounds):
         for i, config in enumerate(configs):
@@ -568,6 +570,10 @@ def run_speed(
     return report
 
 
+def _label(m: dict[str, Any]) -> str:
+    return m.get("label", m["config"])  # reports written before labels existed name the config only
+
+
 def format_report(report: dict[str, Any]) -> str:
     models = report["models"]
     what = "train step (s)" if models and models[0]["mode"] == "train" else "latency (s)"
@@ -589,7 +595,7 @@ def format_report(report: dict[str, Any]) -> str:
         if m["mode"] == "train":
             size += f" x{m['batch']}"
         lines.append(
-            f"| {m.get('label', m['config'])} | {size} | {m['threads']} | {lat['median']:.3f} | {lat['min']:.3f} | "
+            f"| {_label(m)} | {size} | {m['threads']} | {lat['median']:.3f} | {lat['min']:.3f} | "
             f"{lat['max']:.3f} | {m['cpu_s']['median']:.3f} | {m['params'] / 1e6:.2f} | {m['gflops']:.1f} | "
             f"{m['peak_rss_mb']:.0f} |"
             + (f" {m['fps']:.2f} | {m['peak_gpu_mb']:.0f} |" if gpu else "")
@@ -597,7 +603,7 @@ def format_report(report: dict[str, Any]) -> str:
     for m in models:
         if m.get("rounds"):
             per_round = ", ".join(f"{t:.3f}" for t in m["round_medians_s"])
-            lines.append(f"{m.get('label', m['config'])}: {m['rounds']} alternating rounds, medians {per_round}")
+            lines.append(f"{_label(m)}: {m['rounds']} alternating rounds, medians {per_round}")
     r = report.get("ratio")
     if r:
         lines.append("")
@@ -618,17 +624,17 @@ def format_report(report: dict[str, Any]) -> str:
             sy = m.get("syncs") or {}
             fps = m.get("fps_by_batch") or {}
             work = sy.get("launches", sy.get("ops", 0.0))
-            lines.append(f"| {m.get('label', m['config'])} | {sy.get('syncs', 0.0):.0f} | {work:.0f} | "
+            lines.append(f"| {_label(m)} | {sy.get('syncs', 0.0):.0f} | {work:.0f} | "
                          + " | ".join(f"{fps[str(b)]:.2f}" if str(b) in fps else "-" for b in batches) + " |")
         for m in models:
             by_op = (m.get("syncs") or {}).get("by_op") or {}
             if by_op:
-                lines.append(f"{m.get('label', m['config'])} syncs by operator: "
+                lines.append(f"{_label(m)} syncs by operator: "
                              + ", ".join(f"{k} {v:g}" for k, v in by_op.items()))
     for m in models:
         for row in m.get("profile") or []:
             if row is (m.get("profile") or [None])[0]:
-                lines.append(f"\nprofile of {m.get('label', m['config'])} (self CPU time, one call):")
+                lines.append(f"\nprofile of {_label(m)} (self CPU time, one call):")
             lines.append(f"  {row['self_s']:8.3f} s  {row['calls']:6d}x  {row['op']}")
     return "\n".join(lines)
 

@@ -115,7 +115,7 @@ def load_model(weights: str | Path, config: str | Path | None = None, opts: list
     from comask.engine.checkpoint import checkpoint_config, load_checkpoint, load_model_weights
     from comask.errors import CheckpointError
     from comask.modeling.build import build_model
-    from comask.modeling.fold_bn import fold_batch_norms
+    from comask.modeling.fold_bn import fold_for_inference
 
     ckpt = load_checkpoint(weights, map_location="cpu")
     cfg = checkpoint_config(ckpt, weights, config, opts)
@@ -123,8 +123,7 @@ def load_model(weights: str | Path, config: str | Path | None = None, opts: list
     # model.init_from need not exist where a trained model is used
     model = build_model(cfg, pretrained=False)
     load_model_weights(model, ckpt["model"], strict=True, source=str(weights))
-    if cfg.model.test.fold_bn:
-        fold_batch_norms(model)  # an inference model: the norms become part of the convs' weights
+    fold_for_inference(model, cfg)  # an inference model: the norms become part of the convs' weights
     meta = ckpt.get("meta") or {}
     n = int(cfg.model.num_classes)
     classes = [str(c) for c in meta.get("classes") or [f"class_{i}" for i in range(1, n + 1)]]

@@ -64,3 +64,8 @@ def fold_batch_norms(model: nn.Module) -> int:
         _fold_pair(getattr(parent, conv_name), getattr(parent, bn_name))
         setattr(parent, bn_name, nn.Identity())
     return len(pairs)
+
+
+def fold_for_inference(model: nn.Module, cfg) -> int:
+    """Fold `model`'s norms when the config asks for it (`model.test.fold_bn`); how many were folded."""
+    return fold_batch_norms(model) if cfg.model.test.fold_bn else 0
