@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from comask.config import ConfigError, register_validator
+from comask.modeling.anchors import CachedAnchorGenerator
 from comask.modeling.backbone import (
     BACKBONES,
     LEVEL_NAMES,
@@ -117,7 +117,7 @@ def build_rpn(cfg, in_channels: int) -> RegionProposalNetwork:
             f"model.rpn.anchor_sizes needs one size per pyramid level P2..P6 ({len(LEVEL_NAMES)}), got {len(sizes)}"
         )
     ratios = (tuple(float(a) for a in r.aspect_ratios),) * len(sizes)
-    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
+    anchors = CachedAnchorGenerator(sizes=sizes, aspect_ratios=ratios)
     head = RPNHead(in_channels, anchors.num_anchors_per_location()[0])
     return RegionProposalNetwork(
         anchors,
