@@ -56,7 +56,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
     return predict_paths(
         a.inputs, a.out, weights=a.weights, config=a.config, onnx=a.onnx, score_thr=a.score_thr,
-        device=a.device, batch_size=a.batch_size, load_onnx=onnx_predictor,
+        device=a.device, batch_size=a.batch_size, load_onnx=onnx_predictor, opts=a.opts,
     )
 
 
@@ -92,7 +92,7 @@ def _cmd_export_weights(a: argparse.Namespace) -> int:
 def _cmd_serve(a: argparse.Namespace) -> int:
     from comask.serve.app import serve
 
-    serve(a.weights, host=a.host, port=a.port, device=a.device)
+    serve(a.weights, host=a.host, port=a.port, device=a.device, opts=a.opts)
     return 0
 
 
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--score-thr", type=float, default=0.5)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--batch-size", type=int, default=2, help="images per model call")
+    pr.add_argument("--opts", nargs="*", default=[],
+                    help="overrides of the checkpoint's config, e.g. model.test.compile=reduce-overhead")
     pr.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("demo", help="synthetic data -> train -> eval -> predict, on the CPU")
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="auto")
+    sv.add_argument("--opts", nargs="*", default=[],
+                    help="overrides of the checkpoint's config, e.g. model.test.compile=reduce-overhead")
     sv.set_defaults(func=_cmd_serve)
 
     b = sub.add_parser("bench", help="speed / accuracy / ablation / roi-align benchmarks")
@@ -214,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--opts", nargs="*", default=[])
     b.add_argument("--compare-opts", nargs="*", default=[],
                    help="speed: options for the --compare model only, e.g. --compare CONFIG --compare-opts "
-                        "model.test.fold_bn=false (one config against itself)")
+                        "model.test.fold_bn=false (one config against itself; torch.compile: model.test.compile=default)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--train", action="store_true", help="speed: time a training step instead of inference")
     b.add_argument("--warmup", type=int, default=1, help="speed: untimed runs before the repeats")
@@ -223,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", type=int, default=0, help="speed: also list the N slowest operators")
     b.add_argument("--batches", type=int, nargs="+", default=None,
                    help="speed: also report images/s at these batch sizes (default: 1 8 on cuda, 1 on cpu)")
-    b.add_argument("--compile", action="store_true",
-                   help="speed: torch.compile the static part (backbone, FPN, MSFEM, RPN head); warm-up includes it")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="speed: run the model on this device (cuda: synchronised timing, peak GPU memory)")
     b.add_argument("--amp", choices=["bf16", "fp16"], default=None,

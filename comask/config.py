@@ -203,6 +203,7 @@ _ADDED_KEYS: dict[str, Any] = {
     "data.allow_outside_paths": False,  # file_names leaving the image folder are refused
     "data.test": None,  # the held-out test split; older checkpoints name none
     "model.test.fold_bn": True,  # test time only: fold BatchNorm into the convs of an inference model
+    "model.test.compile": "eager",  # test time only: torch.compile of the static part (modeling.static_compile)
 }
 
 

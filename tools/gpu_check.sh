@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's GPU check (one GPU, under 7 minutes): inference and training-step speed of the R50 pair, the
-# inference speed with and without BatchNorm folding, then
+# The project's GPU check (one GPU, under 9 minutes): inference and training-step speed of the R50 pair, the
+# inference speed with and without BatchNorm folding and with and without torch.compile (CUDA graphs), then
 # 2 minutes of the COCO recipe on coco128 for CoMask and Mask R-CNN in fp32, bf16 and fp16 (six runs side by
 # side on the one GPU), with loss curves, stuck/non-finite loss terms and the final COCO AP.
 #
@@ -8,8 +8,9 @@
 #
 # --wheels: a folder of wheels for what the machine lacks (e.g. a cp312 pycocotools), installed with
 # pip --no-index into a private folder. --data: a COCO folder with annotations.json and images/ (default
-# ../shared/data/coco128, else .gpu_data/coco128). Results: DIR/gpu_check.json and DIR/*.log (DIR: $OUT or
-# runs/gpu_check), the training runs (checkpoints) under --runs (default DIR/runs).
+# ../shared/data/coco128, else .gpu_data/coco128). --minutes 0: the speed checks alone (~5 min).
+# Results: DIR/gpu_check.json and DIR/*.log (DIR: $OUT or runs/gpu_check), the training runs (checkpoints)
+# under --runs (default DIR/runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${OUT:-runs/gpu_check}"; WHEELS=""; DATA=""; MINUTES=2; RUNS=""
@@ -61,12 +62,20 @@ timeout 120 "$PY" -m comask bench speed --config comask_r50_mfpn_2x_coco --compa
   | tee "$OUTDIR/bench_fold.md"
 echo "rc=${PIPESTATUS[0]}"
 
+echo "== torch.compile, CoMask R50, 800x1333, fp16, batch 1: eager (default) against reduce-overhead (CUDA graphs)"
+timeout 180 "$PY" -m comask bench speed --config comask_r50_mfpn_2x_coco --compare comask_r50_mfpn_2x_coco \
+  --compare-opts model.test.compile=reduce-overhead --size 800x1333 --device cuda --amp fp16 --repeats 20 \
+  --warmup 5 --batches 1 --opts model.test.score_thresh=0.0 model.backbone.weights=null 2>>"$OUTDIR/bench.log" \
+  | tee "$OUTDIR/bench_compile.md"
+echo "rc=${PIPESTATUS[0]}"
+
 echo "== training step, R50 pair, fp16"
 timeout 75 "$PY" -m comask bench speed --train --config comask_r50_mfpn_2x_coco --compare maskrcnn_r50_fpn_2x_coco \
   --size 800x1333 --device cuda --amp fp16 --repeats 5 --warmup 2 --json --out "$OUTDIR/bench" \
   --opts model.backbone.weights=null >"$OUTDIR/bench_train.json" 2>>"$OUTDIR/bench.log"
 echo "rc=$?"; tail -c 2000 "$OUTDIR/bench_train.json"; echo
 
+if [ "$MINUTES" = 0 ]; then echo "== --minutes 0: the COCO recipe runs skipped"; exit 0; fi
 echo "== the COCO recipe from scratch on $DATA, $MINUTES min each, six runs side by side"
 pids=()
 for model in comask_r50_mfpn_2x_coco maskrcnn_r50_fpn_2x_coco; do

@@ -75,7 +75,6 @@ def _speed(a: argparse.Namespace) -> int:
         amp=getattr(a, "amp", None),
         rounds=int(getattr(a, "rounds", 1) or 1),
         batches=getattr(a, "batches", None),
-        compile=bool(getattr(a, "compile", False)),
         compare_opts=list(getattr(a, "compare_opts", None) or []),
     )
     report["machine"] = machine()

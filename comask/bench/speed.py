@@ -45,7 +45,7 @@ from comask.engine.runtime import amp_dtype, autocast
 from comask.errors import UserError
 
 SPEC_FIELDS = ("config", "opts", "weights", "size", "threads", "repeats", "warmup", "mode", "profile", "device",
-               "amp", "batches", "compile")
+               "amp", "batches")
 DEVICES = ("cpu", "cuda")
 
 
@@ -120,25 +120,6 @@ def _inference_cfg(spec: dict[str, Any]) -> Any:
         f"input.max_size_test={max(h, w)}",
     ]
     return load_config(spec["config"], opts)
-
-
-STATIC_PART = ("backbone", "rpn.head")  # shapes fixed by the input size alone: what torch.compile may take
-
-
-def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def compile_static_part(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Replace the static part (backbone with FPN and MSFEMs, RPN head) by `torch.compile`d versions, in
-    place; returns the eager modules by name, to put back. The RoI stage's data-dependent shapes stay eager."""
-    eager = {}
-    for name in STATIC_PART:
-        module = model.get_submodule(name)
-        eager[name] = module
-        _set_module(model, name, torch.compile(module, dynamic=False))
-    return eager
 
 
 def _inference_fn(model: torch.nn.Module, cfg: Any) -> Any:
@@ -251,6 +232,7 @@ def timed_sgd_steps(
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one model in this process (the subprocess side of `run_speed`)."""
     from comask.config import load_config
+    from comask.modeling.static_compile import compile_for_inference, restore_eager
 
     torch.manual_seed(0)
     if spec.get("threads"):
@@ -268,7 +250,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         cfg = _inference_cfg(spec)
         model, folded = _inference_model(spec, cfg)
         model = model.to(device)
-        eager = compile_static_part(model) if spec.get("compile") else {}
+        eager = compile_for_inference(model, cfg)  # model.test.compile (eager by default)
         h, w = spec["size"]
         image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
         run = _inference_fn(model, cfg)
@@ -289,8 +271,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             tb = _timed(lambda batch=batch: step(batch), int(spec["repeats"]), int(spec["warmup"]), None, device)
             fps_by_batch[b] = b / statistics.median(tb)
         syncs = count_syncs(step, 1, device.type)
-        for name, module in eager.items():  # FLOPs are counted on the eager modules
-            _set_module(model, name, module)
+        restore_eager(model, eager)  # FLOPs are counted on the eager modules
     elif mode == "train":
         cfg = load_config(spec["config"], list(spec.get("opts") or []))
         model = _load_model(spec, cfg).train().to(device)
@@ -341,7 +322,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if mode == "inference":
         result["fps_by_batch"] = {str(b): f for b, f in fps_by_batch.items()}
         result["syncs"] = syncs
-        result["compiled"] = bool(eager)
+        result["compiled"] = str(cfg.model.test.get("compile", "eager")) if eager else None
         result["folded_bn"] = folded
     if spec.get("profile"):
         result["profile"] = _profile(flops_fn if mode == "train" else step, int(spec["profile"]))
@@ -527,7 +508,6 @@ def run_speed(
     amp: str | None = None,
     rounds: int = 1,
     batches: list[int] | None = None,
-    compile: bool = False,
     compare_opts: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure each config in its own subprocess (A, then B) and compute the A/B ratios. `compare_opts` are
@@ -550,7 +530,7 @@ def run_speed(
             spec = {"config": config, "opts": list(opts or []) + b_only, "weights": weights, "size": list(size),
                     "threads": threads, "repeats": repeats, "warmup": warmup, "mode": mode,
                     "profile": profile if r == 0 else 0, "device": device, "amp": amp,
-                    "batches": list(batches or ([1, 8] if device == "cuda" else [1])), "compile": compile}
+                    "batches": list(batches or ([1, 8] if device == "cuda" else [1]))}
             runs[i].append(run_in_subprocess(spec))
     models = [pool_rounds(rs) for rs in runs]
     for i, m in enumerate(models):
@@ -612,8 +592,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"peak RSS {r['peak_rss']:.3f}x, GFLOPs {r['gflops']:.3f}x, params {r['params']:.3f}x"
             + (f", peak GPU memory {r['peak_gpu']:.3f}x" if r.get("peak_gpu") is not None else "")
         )
-    if any(m.get("compiled") for m in models):
-        lines += ["", "torch.compile: " + ", ".join(STATIC_PART) + " compiled (the RoI stage eager; FLOPs counted eager)"]
+    from comask.modeling.static_compile import STATIC_PART
+
+    for m in models:
+        if m.get("compiled"):
+            lines += ["", f"{_label(m)}: torch.compile mode {m['compiled']} of {', '.join(STATIC_PART)} (the RoI "
+                      "stage eager; warm-up includes the compile; FLOPs counted eager)"]
     if any(m.get("syncs") for m in models):
         batches = sorted({int(b) for m in models for b in m.get("fps_by_batch") or {}})
         per = "kernel launches" if gpu else "aten ops"

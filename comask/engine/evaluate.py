@@ -30,6 +30,7 @@ from comask.engine.predict import load_model, resize_problem
 from comask.engine.results import MASK_THRESHOLD, output_to_rows
 from comask.engine.runtime import check_output_dir, resolve_device
 from comask.errors import DataError, UserError
+from comask.modeling.static_compile import compile_for_inference
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 _STAT_LABELS = [
@@ -426,6 +427,7 @@ def _evaluate_checkpoint(weights: str | Path, config: str | Path | None, opts: l
         check_output_dir(out_dir, 0)  # before the model and the data: an unusable --out costs nothing
     lm = load_model(weights, config, opts, device=dev)
     cfg = lm.cfg
+    compile_for_inference(lm.model, cfg)  # model.test.compile; eager by default
     if cfg.data.get("synth"):
         from comask.data.synth import ensure_synth
 

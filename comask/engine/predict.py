@@ -160,14 +160,19 @@ class Predictor:
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu",
                  score_thr: float = 0.5, config: str | Path | None = None, *,
                  backend: Backend | None = None, classes: Sequence[str] | None = None,
-                 cat_ids: Sequence[int] | None = None, mask_thr: float | None = None):
+                 cat_ids: Sequence[int] | None = None, mask_thr: float | None = None,
+                 opts: Sequence[str] | None = None):
+        from comask.modeling.static_compile import compile_for_inference
+
         self.device = resolve_device(device)
         self.score_thr = float(score_thr)
         self.cfg = None
         if backend is None:
             if weights is not None:
-                lm = load_model(weights, config, device=self.device)
+                # opts: config overrides (key.sub=value), e.g. model.test.compile=reduce-overhead
+                lm = load_model(weights, config, list(opts or []), device=self.device)
                 self.cfg, classes, cat_ids = lm.cfg, lm.classes, lm.cat_ids
+                compile_for_inference(lm.model, lm.cfg)
                 backend = TorchBackend(lm.model, self.device)
             else:
                 raise UserError("Predictor needs weights (a .pth checkpoint) or a backend "
@@ -371,7 +376,8 @@ def _run_isolated(predictor: Predictor, batch: list[tuple[Path, np.ndarray]],
 def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | Path | None = None,
                   config: str | Path | None = None, onnx: str | Path | None = None, score_thr: float = 0.5,
                   device: str = "auto", batch_size: int = 2, *, predictor: Predictor | None = None,
-                  draw: bool = True, load_onnx: Callable[..., Predictor] | None = None) -> int:
+                  draw: bool = True, load_onnx: Callable[..., Predictor] | None = None,
+                  opts: Sequence[str] | None = None) -> int:
     """`comask predict`: overlays OUT/<name>.png and OUT/predictions.json; 0 if every input was used, else 1.
     `onnx` is read by `load_onnx(onnx, device=, score_thr=)` (the CLI passes `comask.export.ort.onnx_predictor`)."""
     from comask.engine.visualize import draw_instances
@@ -384,11 +390,13 @@ def predict_paths(inputs: Sequence[str | Path], out: str | Path, weights: str | 
         if weights is not None and onnx is not None:
             raise UserError("give either --weights or --onnx, not both")
         if onnx is not None:
+            if opts:
+                raise UserError("--opts applies to a .pth checkpoint's config; an ONNX model is fixed at export")
             if load_onnx is None:
                 raise UserError(f"{onnx}: no ONNX backend given; use --weights with a .pth checkpoint")
             predictor = load_onnx(onnx, device=device, score_thr=score_thr)
         else:
-            predictor = Predictor(weights, device=device, score_thr=score_thr, config=config)
+            predictor = Predictor(weights, device=device, score_thr=score_thr, config=config, opts=opts)
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     files, problems, ignored = collect_inputs(inputs)

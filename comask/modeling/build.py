@@ -24,6 +24,7 @@ from comask.modeling.maskrcnn import MaskRCNN, build_maskrcnn_roi_heads
 from comask.modeling.msfem import MFPN, PLACEMENTS, check_msfem_config, msfem_in_fpn
 from comask.modeling.pretrained import apply_pretrained
 from comask.modeling.roi_heads import build_comask_roi_heads
+from comask.modeling.static_compile import check_compile_mode
 
 log = logging.getLogger("comask.build")
 
@@ -50,6 +51,7 @@ def check_model_config(cfg, source: str = "config") -> None:
     if m.backbone.get("norm", "auto") not in NORMS:
         raise ConfigError(f"{source}: model.backbone.norm must be one of {', '.join(NORMS)}, got {m.backbone.norm!r}")
     check_msfem_config(m.msfem, source)
+    check_compile_mode(m.test.get("compile", "eager"), source)
 
 
 def backbone_norm(cfg) -> tuple[str, int]:

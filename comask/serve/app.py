@@ -521,7 +521,8 @@ async def _read_upload(request: Request) -> bytes:
                         "'file' field, or the raw image with an image/* content type")
 
 
-def load_predictor(weights: str | Path, device: str = "auto") -> tuple[ServePredictor, ModelInfo]:
+def load_predictor(weights: str | Path, device: str = "auto",
+                   opts: list[str] | None = None) -> tuple[ServePredictor, ModelInfo]:
     """Load the checkpoint once; scores are filtered per request, so the model keeps all of them."""
     from comask.errors import CheckpointError
 
@@ -529,7 +530,7 @@ def load_predictor(weights: str | Path, device: str = "auto") -> tuple[ServePred
         raise CheckpointError(f"{weights}: checkpoint not found; pass --weights PATH to a .pth written by `comask train`")
     from comask.engine.predict import Predictor
 
-    predictor = Predictor(weights, device=device, score_thr=0.0)
+    predictor = Predictor(weights, device=device, score_thr=0.0, opts=opts)
     cfg = getattr(predictor, "cfg", None) or getattr(predictor, "config", None)
     info = ModelInfo(weights=str(weights), device=str(getattr(predictor, "device", device)))
     if cfg is not None:
@@ -545,12 +546,12 @@ def load_predictor(weights: str | Path, device: str = "auto") -> tuple[ServePred
 
 
 def serve(weights: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          settings: ServeSettings | None = None) -> None:
+          settings: ServeSettings | None = None, opts: list[str] | None = None) -> None:
     """Load the model, then serve until interrupted (the `comask serve` command)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    predictor, info = load_predictor(weights, device)
+    predictor, info = load_predictor(weights, device, opts)
     log.info("loaded %s (%s, %d classes) on %s", weights, info.config_name, len(predictor.classes), info.device)
     app = create_app(predictor, info, settings)
     # One process: the model lives in memory once; the worker thread serialises inference.
