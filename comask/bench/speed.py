@@ -259,7 +259,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             with torch.inference_mode(), autocast(device, amp_dtype(amp)):
                 return run(images or [image])
 
-        out = step()  # first call: allocations, also tells how many detections the RoI heads handled
+        t_first = time.perf_counter()
+        out = step()  # first call: allocations (and the compile), also tells how many detections the RoI heads handled
+        first_call_s = time.perf_counter() - t_first
         detections = int(out[0]["boxes"].shape[0])
         times = _timed(step, int(spec["repeats"]), max(0, int(spec["warmup"]) - 1), cpu_times, device)
         flops_fn = step
@@ -323,6 +325,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         result["fps_by_batch"] = {str(b): f for b, f in fps_by_batch.items()}
         result["syncs"] = syncs
         result["compiled"] = str(cfg.model.test.get("compile", "eager")) if eager else None
+        result["first_call_s"] = first_call_s
         result["folded_bn"] = folded
     if spec.get("profile"):
         result["profile"] = _profile(flops_fn if mode == "train" else step, int(spec["profile"]))
@@ -596,8 +599,9 @@ def format_report(report: dict[str, Any]) -> str:
 
     for m in models:
         if m.get("compiled"):
+            first = f", first call {m['first_call_s']:.1f} s with the compile" if m.get("first_call_s") else ""
             lines += ["", f"{_label(m)}: torch.compile mode {m['compiled']} of {', '.join(STATIC_PART)} (the RoI "
-                      "stage eager; warm-up includes the compile; FLOPs counted eager)"]
+                      f"stage eager; FLOPs counted eager{first})"]
     if any(m.get("syncs") for m in models):
         batches = sorted({int(b) for m in models for b in m.get("fps_by_batch") or {}})
         per = "kernel launches" if gpu else "aten ops"
