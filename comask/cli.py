@@ -102,6 +102,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return run_bench(a)
 
 
+CHECKPOINT_OPTS_HELP = "overrides of the checkpoint's config, e.g. model.test.compile=reduce-overhead"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="comask", description="CoMask instance segmentation toolkit")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--score-thr", type=float, default=0.5)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--batch-size", type=int, default=2, help="images per model call")
-    pr.add_argument("--opts", nargs="*", default=[],
-                    help="overrides of the checkpoint's config, e.g. model.test.compile=reduce-overhead")
+    pr.add_argument("--opts", nargs="*", default=[], help=CHECKPOINT_OPTS_HELP)
     pr.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("demo", help="synthetic data -> train -> eval -> predict, on the CPU")
@@ -201,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="auto")
-    sv.add_argument("--opts", nargs="*", default=[],
-                    help="overrides of the checkpoint's config, e.g. model.test.compile=reduce-overhead")
+    sv.add_argument("--opts", nargs="*", default=[], help=CHECKPOINT_OPTS_HELP)
     sv.set_defaults(func=_cmd_serve)
 
     b = sub.add_parser("bench", help="speed / accuracy / ablation / roi-align benchmarks")
