@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     ex = sub.add_parser("export", help="export a model").add_subparsers(dest="export_format", required=True)
-    o = ex.add_parser("onnx", help="ONNX (TorchScript-based exporter, opset 17), masks included")
+    o = ex.add_parser("onnx", help="ONNX (TorchScript-based exporter, opset 18), masks included")
     o.add_argument("--weights", required=True)
     o.add_argument("--config", default=None)
     o.add_argument("--out", required=True)

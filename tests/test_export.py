@@ -102,7 +102,7 @@ def test_onnx_runtime_gives_the_pytorch_detections(trained, tmp_path, capsys):
     graph = onnx.load(str(model_path))
     onnx.checker.check_model(graph)
     assert [o.name for o in graph.graph.output] == ["boxes", "labels", "scores", "masks"]
-    assert graph.opset_import[0].version == 17
+    assert graph.opset_import[0].version == 18
     dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
     assert dims[0] == 3 and all(isinstance(d, str) for d in dims[1:])  # dynamic height and width
 

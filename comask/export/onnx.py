@@ -1,4 +1,4 @@
-"""`comask export onnx`: the whole detector, masks included, as one ONNX graph (opset 17).
+"""`comask export onnx`: the whole detector, masks included, as one ONNX graph (opset 18).
 
 Uses the TorchScript-based exporter (`dynamo=False`): the dynamo exporter cannot export the
 data-dependent NMS of the detection heads. The graph maps one float
@@ -32,7 +32,7 @@ from comask.export.common import (
     onnx_friendly,
 )
 
-OPSET = 17
+OPSET = 18
 
 
 def _dynamic_axes(dynamic: bool) -> dict[str, dict[int, str]]:
@@ -45,7 +45,7 @@ def _dynamic_axes(dynamic: bool) -> dict[str, dict[int, str]]:
 
 
 def trace_to_onnx(module: torch.nn.Module, example: torch.Tensor, path: str | Path, dynamic: bool) -> None:
-    """torch.onnx.export of an `InferenceModule` (TorchScript-based exporter, opset 17)."""
+    """torch.onnx.export of an `InferenceModule` (TorchScript-based exporter, opset 18)."""
     with warnings.catch_warnings():
         # Tracing warns about every Python int/bool it records as a constant (strides, branch choices that
         # only depend on the architecture) and about the legacy exporter itself; none is actionable here,
